@@ -1,0 +1,20 @@
+"""SQLAlchemy models of the state database (schema changes only through migrations/)."""
+
+from models.audience import Audience, AudienceDestination, Destination, Source
+from models.base import Base
+from models.snapshot import Snapshot, SnapshotMember
+from models.sync import DeliveryFailure, FailingMember, SyncedMember, SyncRun
+
+__all__ = [
+    "Audience",
+    "AudienceDestination",
+    "Base",
+    "DeliveryFailure",
+    "Destination",
+    "FailingMember",
+    "Snapshot",
+    "SnapshotMember",
+    "Source",
+    "SyncRun",
+    "SyncedMember",
+]

@@ -1,0 +1,101 @@
+"""Sync aggregate: what each destination was last told, the runs, and per-user failures."""
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from models.base import Base, UTCDateTime
+
+BigId = BigInteger().with_variant(Integer, "sqlite")
+
+
+class SyncedMember(Base):
+    """The last membership value a destination accepted for one user of one audience."""
+
+    __tablename__ = "synced_members"
+
+    audience_id: Mapped[int] = mapped_column(
+        ForeignKey("audiences.id", ondelete="CASCADE"), primary_key=True
+    )
+    destination_id: Mapped[int] = mapped_column(
+        ForeignKey("destinations.id", ondelete="CASCADE"), primary_key=True
+    )
+    member_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    is_anonymous: Mapped[bool] = mapped_column(Boolean, default=False)
+    is_member: Mapped[bool] = mapped_column(Boolean)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    run_id: Mapped[int | None] = mapped_column(BigId)
+
+
+class SyncRun(Base):
+    __tablename__ = "sync_runs"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    audience_id: Mapped[int] = mapped_column(ForeignKey("audiences.id", ondelete="CASCADE"))
+    destination_id: Mapped[int] = mapped_column(ForeignKey("destinations.id", ondelete="CASCADE"))
+    mode: Mapped[str] = mapped_column(String(20))  # initial, incremental, full, dry_run, archive
+    trigger: Mapped[str] = mapped_column(String(20))  # manual, schedule
+    # running, succeeded, partial, failed, skipped, blocked
+    status: Mapped[str] = mapped_column(String(20))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    snapshot_id: Mapped[int | None] = mapped_column(BigId)
+    members: Mapped[int] = mapped_column(Integer, default=0)
+    entered: Mapped[int] = mapped_column(Integer, default=0)
+    exited: Mapped[int] = mapped_column(Integer, default=0)
+    sent: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    # {"null_id": 3, "too_long": 1, "duplicate": 2}
+    skipped_rows: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    error: Mapped[str | None] = mapped_column(Text)
+    # Fan-out delivery: chunks still outstanding before the run is finalised.
+    pending_chunks: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class DeliveryFailure(Base):
+    """One user's rejected call in one run (history; never updated)."""
+
+    __tablename__ = "delivery_failures"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("sync_runs.id", ondelete="CASCADE"))
+    member_id: Mapped[str] = mapped_column(String(255))
+    value: Mapped[bool] = mapped_column(Boolean)
+    status: Mapped[int | None] = mapped_column(Integer)
+    message: Mapped[str] = mapped_column(Text)
+
+
+class FailingMember(Base):
+    """A user whose latest delivery was rejected; quarantined after repeated rejections."""
+
+    __tablename__ = "failing_members"
+
+    audience_id: Mapped[int] = mapped_column(
+        ForeignKey("audiences.id", ondelete="CASCADE"), primary_key=True
+    )
+    destination_id: Mapped[int] = mapped_column(
+        ForeignKey("destinations.id", ondelete="CASCADE"), primary_key=True
+    )
+    member_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    consecutive_failures: Mapped[int] = mapped_column(Integer)
+    is_quarantined: Mapped[bool] = mapped_column(Boolean, default=False)
+    last_value: Mapped[bool] = mapped_column(Boolean)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_message: Mapped[str] = mapped_column(Text)
+    last_run_id: Mapped[int] = mapped_column(BigId)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+Index("ix_sync_runs_pair_started", SyncRun.audience_id, SyncRun.destination_id, SyncRun.id)
+Index("ix_delivery_failures_run", DeliveryFailure.run_id)

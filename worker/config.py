@@ -1,0 +1,268 @@
+"""Loading `audiences.yml`: YAML with line numbers, `${VAR}` interpolation, validation.
+
+The result is a plain `Config` value; nothing here touches the state database.
+"""
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlparse
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from worker.destinations.settings import (
+    DESTINATION_TYPES,
+    SECRET_FIELDS,
+    DestinationSettings,
+)
+from worker.errors import ConfigError
+from worker.keys import audience_key, validate_pinned_key
+from worker.scheduling import DEFAULT_SCHEDULE, parse_schedule
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_DESTINATION_ADAPTER: TypeAdapter[DestinationSettings] = TypeAdapter(DestinationSettings)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class SourceModel(_Strict):
+    url: str = Field(min_length=1)
+    statement_timeout: float = Field(default=300.0, gt=0, description="seconds")
+
+
+class AudienceModel(_Strict):
+    name: str = Field(min_length=1, max_length=200)
+    key: str | None = None
+    source: str
+    query: str = Field(min_length=1)
+    schedule: str = DEFAULT_SCHEDULE
+    destinations: list[str] = Field(min_length=1)
+    max_exit_fraction: float = Field(default=0.5, gt=0, le=1)
+
+
+class ConfigModel(_Strict):
+    sources: dict[str, SourceModel] = Field(default_factory=dict)
+    destinations: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    audiences: list[AudienceModel] = Field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class SourceSpec:
+    name: str
+    url: str  # template: `${VAR}` references kept, resolved at run time
+    statement_timeout_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationSpec:
+    name: str
+    type: str
+    settings: dict[str, Any]  # template
+
+
+@dataclass(frozen=True, slots=True)
+class AudienceSpec:
+    key: str
+    name: str
+    is_key_pinned: bool
+    source: str
+    query: str
+    schedule: str
+    destinations: tuple[str, ...]
+    max_exit_fraction: float
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    sources: tuple[SourceSpec, ...]
+    destinations: tuple[DestinationSpec, ...]
+    audiences: tuple[AudienceSpec, ...]
+
+
+def resolve_env(value: Any, env: Mapping[str, str], where: str) -> Any:
+    """Replace `${VAR}` in every string of `value` (recursively) from `env`."""
+    if isinstance(value, str):
+
+        def substitute(match: re.Match[str]) -> str:
+            name = match.group(1)
+            resolved = env.get(name)
+            if not resolved:
+                raise ConfigError(
+                    f"environment variable {name} is not set (used by {where}): export it "
+                    "before running audience-sync"
+                )
+            return resolved
+
+        return _ENV_REF.sub(substitute, value)
+    if isinstance(value, dict):
+        return {k: resolve_env(v, env, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve_env(v, env, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def validate_destination(name: str, template: Mapping[str, Any], env: Mapping[str, str]) -> Any:
+    """Resolve and validate one destination's settings; return the typed settings."""
+    where = f"destinations.{name}"
+    kind = template.get("type")
+    if kind not in DESTINATION_TYPES:
+        raise ConfigError(
+            f"{where}: unknown destination type {kind!r}; use one of {', '.join(DESTINATION_TYPES)}"
+        )
+    for field in SECRET_FIELDS & template.keys():
+        if not _ENV_REF.search(str(template[field])):
+            raise ConfigError(
+                f"{where}.{field}: write it as an environment reference such as "
+                f"'${{{name.upper().replace('-', '_')}_{field.upper()}}}'; secrets are never "
+                "stored in the state database"
+            )
+    resolved = resolve_env(dict(template), env, where)
+    try:
+        return _DESTINATION_ADAPTER.validate_python(resolved)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {_describe(exc, hide_input=True)}") from None
+
+
+def resolve_source_url(name: str, template: str, env: Mapping[str, str]) -> str:
+    url = str(resolve_env(template, env, f"sources.{name}.url"))
+    try:
+        make_url(url)
+    except ArgumentError:
+        raise ConfigError(
+            f"sources.{name}.url is not a database URL (expected e.g. "
+            "postgresql+psycopg://user@host/db or sqlite:///shop.db)"
+        ) from None
+    return url
+
+
+def check_single_statement(where: str, query: str) -> None:
+    statements = [s for s in sqlparse.split(query) if s.strip().strip(";").strip()]
+    if len(statements) != 1:
+        raise ConfigError(
+            f"{where}.query holds {len(statements)} statements; an audience query must be "
+            "exactly one SELECT"
+        )
+
+
+def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate an audiences file; raise ConfigError naming the first problem."""
+    env = os.environ if env is None else env
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: malformed YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with sources, destinations "
+                          "and audiences")
+    try:
+        model = ConfigModel.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        line = _line_of(root, error["loc"])
+        at = f" (line {line})" if line else ""
+        raise ConfigError(f"{path}{at}: {_describe(exc)}") from None
+    return _build(model, env)
+
+
+def _build(model: ConfigModel, env: Mapping[str, str]) -> Config:
+    sources = []
+    for name, source in model.sources.items():
+        resolved = resolve_source_url(name, source.url, env)
+        if make_url(resolved).password and not _ENV_REF.search(source.url):
+            raise ConfigError(
+                f"sources.{name}.url holds a password: move the URL into an environment "
+                "variable and write url: '${SHOP_DATABASE_URL}'"
+            )
+        sources.append(SourceSpec(name, source.url, source.statement_timeout))
+    destinations = []
+    for name, template in model.destinations.items():
+        validate_destination(name, template, env)
+        destinations.append(DestinationSpec(name, str(template["type"]), dict(template)))
+    audiences: list[AudienceSpec] = []
+    seen_keys: dict[str, str] = {}
+    for index, audience in enumerate(model.audiences):
+        where = f"audiences[{index}] ({audience.name!r})"
+        key = validate_pinned_key(audience.key) if audience.key else audience_key(audience.name)
+        if key in seen_keys:
+            raise ConfigError(
+                f"audiences {seen_keys[key]!r} and {audience.name!r} both have the key {key!r}; "
+                "rename one or pin a different key with `key:`"
+            )
+        seen_keys[key] = audience.name
+        if audience.source not in model.sources:
+            raise ConfigError(f"{where}: unknown source {audience.source!r}; "
+                              f"defined sources: {', '.join(model.sources) or 'none'}")
+        for destination in audience.destinations:
+            if destination not in model.destinations:
+                raise ConfigError(
+                    f"{where}: unknown destination {destination!r}; defined destinations: "
+                    f"{', '.join(model.destinations) or 'none'}"
+                )
+        if len(set(audience.destinations)) != len(audience.destinations):
+            raise ConfigError(f"{where}: a destination is listed twice")
+        check_single_statement(where, audience.query)
+        try:
+            parse_schedule(audience.schedule)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        audiences.append(
+            AudienceSpec(
+                key=key,
+                name=audience.name,
+                is_key_pinned=audience.key is not None,
+                source=audience.source,
+                query=audience.query.strip().rstrip(";").strip(),
+                schedule=audience.schedule,
+                destinations=tuple(audience.destinations),
+                max_exit_fraction=audience.max_exit_fraction,
+            )
+        )
+    return Config(tuple(sources), tuple(destinations), tuple(audiences))
+
+
+def _describe(exc: ValidationError, *, hide_input: bool = False) -> str:
+    error = exc.errors()[0]
+    location = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"unknown key {location!r}"
+    message = error["msg"]
+    if error["type"] == "value_error":
+        message = message.removeprefix("Value error, ")
+    if not hide_input and "input" in error and error["type"] != "missing":
+        message += f" (got {error['input']!r})"
+    return f"{location}: {message}" if location else message
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
+    """1-based line of the YAML node at a pydantic error location (best effort)."""
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next((kv for kv in node.value if kv[0].value == part), None)
+            if match is None:
+                break
+            line = match[0].start_mark.line + 1
+            node = match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if part >= len(node.value):
+                break
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line

@@ -1,0 +1,37 @@
+"""Process settings, read from AUDIENCE_SYNC_* environment variables at the edges."""
+
+from functools import lru_cache
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AUDIENCE_SYNC_", extra="ignore")
+
+    database_url: str = "sqlite:///./audience_sync.db"
+    redis_url: str = "redis://localhost:6379/0"
+
+    # Snapshots kept per audience; older ones are pruned after each run.
+    snapshots_kept: int = Field(default=3, ge=2)
+    # Rejections in a row after which a user is quarantined (skipped until retried by hand).
+    quarantine_after: int = Field(default=5, ge=1)
+    # Transient HTTP failures: attempts per request and exponential backoff bounds.
+    max_attempts: int = Field(default=5, ge=1)
+    backoff_base_seconds: float = Field(default=0.5, ge=0)
+    backoff_max_seconds: float = Field(default=30.0, ge=0)
+    connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    read_timeout_seconds: float = Field(default=30.0, gt=0)
+    # A run's lock expires this long after its last heartbeat (a killed worker frees it).
+    lock_ttl_seconds: int = Field(default=300, ge=5)
+    # Rows read from a source per fetch, and rows written to a snapshot per statement.
+    source_fetch_size: int = Field(default=10_000, ge=1)
+    # Changes per Celery delivery chunk when a run fans out across workers.
+    chunk_size: int = Field(default=20_000, ge=1)
+    # Test hook: stop the process (SIGKILL) when the sync reaches this named step.
+    crash_at: str | None = None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
