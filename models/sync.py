@@ -34,6 +34,8 @@ class SyncedMember(Base):
     member_id: Mapped[str] = mapped_column(String(255), primary_key=True)
     is_anonymous: Mapped[bool] = mapped_column(Boolean, default=False)
     is_member: Mapped[bool] = mapped_column(Boolean)
+    # The email last sent, so an exit can be addressed by email (Ortto merge_by str::email).
+    email: Mapped[str | None] = mapped_column(String(255))
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     run_id: Mapped[int | None] = mapped_column(BigId)
 

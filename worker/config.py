@@ -167,8 +167,9 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping with sources, destinations "
-                          "and audiences")
+        raise ConfigError(
+            f"{path}: the top level must be a mapping with sources, destinations and audiences"
+        )
     try:
         model = ConfigModel.model_validate(data)
     except ValidationError as exc:
@@ -205,8 +206,10 @@ def _build(model: ConfigModel, env: Mapping[str, str]) -> Config:
             )
         seen_keys[key] = audience.name
         if audience.source not in model.sources:
-            raise ConfigError(f"{where}: unknown source {audience.source!r}; "
-                              f"defined sources: {', '.join(model.sources) or 'none'}")
+            raise ConfigError(
+                f"{where}: unknown source {audience.source!r}; "
+                f"defined sources: {', '.join(model.sources) or 'none'}"
+            )
         for destination in audience.destinations:
             if destination not in model.destinations:
                 raise ConfigError(

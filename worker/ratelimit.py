@@ -101,7 +101,7 @@ return tostring(slot - now)
 class RedisRateLimiter:
     """Limiter shared by every process that uses the same Redis key."""
 
-    def __init__(self, client: "redis.Redis[bytes]", key: str, limit: RateLimit) -> None:
+    def __init__(self, client: "redis.Redis", key: str, limit: RateLimit) -> None:
         self._client = client
         self._key = key
         self._interval = limit.interval

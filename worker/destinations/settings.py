@@ -63,14 +63,17 @@ ORTTO_API_HOSTS = {
 }
 
 
+MergeField = Literal["str::ei", "str::email"]
+
+
 class OrttoApiSettings(_Settings):
     """Ortto's public REST API (person merge with one boolean custom field per audience)."""
 
     type: Literal["ortto-api"]
     api_key: SecretStr
     region: Literal["default", "au", "eu"] = "default"
-    merge_by: list[Literal["str::ei", "str::email"]] = Field(
-        default_factory=lambda: ["str::ei"], min_length=1, max_length=3
+    merge_by: list[MergeField] = Field(
+        default_factory=lambda: list[MergeField](["str::ei"]), min_length=1, max_length=3
     )
     endpoint: str | None = None
     rate_limit: str = "10/s"

@@ -1,0 +1,87 @@
+"""Snapshot writes (bulk), counts and pruning."""
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session
+
+from models import Snapshot, SnapshotMember
+from worker.repositories.dialect import insert_for
+from worker.sources import SourceRow
+
+
+def create_snapshot(session: Session, audience_id: int, *, now: datetime) -> int:
+    snapshot = Snapshot(audience_id=audience_id, created_at=now, member_count=0)
+    session.add(snapshot)
+    session.flush()
+    return snapshot.id
+
+
+def add_members(session: Session, snapshot_id: int, rows: Sequence[SourceRow]) -> None:
+    """Insert one chunk of members; a duplicate id within the result is kept once."""
+    if not rows:
+        return
+    table = SnapshotMember.__table__
+    statement = insert_for(session, table).on_conflict_do_nothing()  # type: ignore[arg-type]
+    session.execute(
+        statement,
+        [
+            {
+                "snapshot_id": snapshot_id,
+                "member_id": row.member_id,
+                "is_anonymous": row.is_anonymous,
+                "email": row.email,
+            }
+            for row in rows
+        ],
+    )
+
+
+def finish_snapshot(session: Session, snapshot_id: int) -> int:
+    """Store and return the member count of a fully written snapshot."""
+    count = (
+        session.scalar(
+            select(func.count())
+            .select_from(SnapshotMember)
+            .where(SnapshotMember.snapshot_id == snapshot_id)
+        )
+        or 0
+    )
+    session.execute(update(Snapshot).where(Snapshot.id == snapshot_id).values(member_count=count))
+    return count
+
+
+def previous_member_count(session: Session, audience_id: int, before_id: int) -> int | None:
+    """Member count of the audience's latest snapshot before `before_id` (None: first)."""
+    return session.scalar(
+        select(Snapshot.member_count)
+        .where(Snapshot.audience_id == audience_id, Snapshot.id < before_id)
+        .order_by(Snapshot.id.desc())
+        .limit(1)
+    )
+
+
+def delete_snapshot(session: Session, snapshot_id: int) -> None:
+    session.execute(delete(SnapshotMember).where(SnapshotMember.snapshot_id == snapshot_id))
+    session.execute(delete(Snapshot).where(Snapshot.id == snapshot_id))
+
+
+def prune_snapshots(session: Session, audience_id: int, *, keep: int, protect: set[int]) -> int:
+    """Delete all but the newest `keep` snapshots of the audience (never those in `protect`,
+    which running syncs still read). Returns how many were deleted."""
+    keep_ids = session.scalars(
+        select(Snapshot.id)
+        .where(Snapshot.audience_id == audience_id)
+        .order_by(Snapshot.id.desc())
+        .limit(keep)
+    ).all()
+    doomed = session.scalars(
+        select(Snapshot.id).where(
+            Snapshot.audience_id == audience_id,
+            Snapshot.id.not_in(set(keep_ids) | protect),
+        )
+    ).all()
+    for snapshot_id in doomed:
+        delete_snapshot(session, snapshot_id)
+    return len(doomed)

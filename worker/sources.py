@@ -1,0 +1,166 @@
+"""Reading audience membership from a source database: read-only, time-limited, streamed."""
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+from worker.errors import SourceError
+
+MAX_ID_LENGTH = 255
+MAX_EMAIL_LENGTH = 255
+ID_COLUMNS = ("user_id", "anonymous_id")
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRow:
+    member_id: str
+    is_anonymous: bool
+    email: str | None
+
+
+def clean_row(user_id: Any, anonymous_id: Any, email: Any) -> SourceRow | str:
+    """A source row as a member, or the reason it is skipped (`null_id`, `id_too_long`).
+
+    `user_id` wins over `anonymous_id` when both are present. An email that cannot be
+    valid (empty, over 255 characters) is dropped, not the member.
+    """
+    for value, is_anonymous in ((user_id, False), (anonymous_id, True)):
+        if value is None:
+            continue
+        member_id = str(value).strip()
+        if not member_id:
+            continue
+        if len(member_id) > MAX_ID_LENGTH:
+            return "id_too_long"
+        clean_email = str(email).strip() if email is not None else ""
+        if not clean_email or len(clean_email) > MAX_EMAIL_LENGTH:
+            return SourceRow(member_id, is_anonymous, None)
+        return SourceRow(member_id, is_anonymous, clean_email)
+    return "null_id"
+
+
+_engines: dict[str, Engine] = {}
+
+
+def source_engine(url: str) -> Engine:
+    """One engine per source URL per process."""
+    engine = _engines.get(url)
+    if engine is None:
+        engine = _engines[url] = create_engine(url, pool_pre_ping=True)
+    return engine
+
+
+def dispose_source_engines() -> None:
+    for engine in _engines.values():
+        engine.dispose()
+    _engines.clear()
+
+
+def _begin_read_only(connection: Connection, timeout_seconds: float) -> None:
+    """Make the transaction unable to write and bound its run time."""
+    dialect = connection.dialect.name
+    if dialect == "postgresql":
+        connection.execute(text("SET TRANSACTION READ ONLY"))
+        connection.execute(text(f"SET LOCAL statement_timeout = {int(timeout_seconds * 1000)}"))
+    elif dialect == "sqlite":
+        connection.exec_driver_sql("PRAGMA query_only = ON")
+        deadline = time.monotonic() + timeout_seconds
+        raw: Any = connection.connection.driver_connection
+        # SQLite has no statement timeout: abort from the VM's progress callback instead.
+        raw.set_progress_handler(lambda: int(time.monotonic() > deadline), 10_000)
+    elif dialect in ("mysql", "mariadb"):
+        connection.exec_driver_sql("SET SESSION TRANSACTION READ ONLY")
+        connection.exec_driver_sql(
+            f"SET SESSION max_execution_time = {int(timeout_seconds * 1000)}"
+        )
+
+
+def _end_read_only(connection: Connection) -> None:
+    if connection.dialect.name == "sqlite":
+        raw: Any = connection.connection.driver_connection
+        raw.set_progress_handler(None, 0)
+        connection.exec_driver_sql("PRAGMA query_only = OFF")
+
+
+def stream_source(
+    url: str, query: str, *, timeout_seconds: float, fetch_size: int, source_name: str
+) -> Iterator[list[SourceRow | str]]:
+    """Run the audience query and yield cleaned rows in chunks (never the whole result).
+
+    Raises SourceError for anything the source does wrong: the caller keeps nothing.
+    """
+    engine = source_engine(url)
+    try:
+        with engine.connect() as connection, connection.begin():
+            _begin_read_only(connection, timeout_seconds)
+            try:
+                result = connection.execution_options(
+                    stream_results=True, yield_per=fetch_size
+                ).execute(text(query))
+                columns = [str(c).lower() for c in list(result.keys())]
+                positions = _column_positions(columns, source_name)
+                for partition in result.partitions(fetch_size):
+                    yield [_clean(row, positions) for row in partition]
+            finally:
+                _end_read_only(connection)
+    except SourceError:
+        raise
+    except DBAPIError as exc:
+        raise SourceError(f"source {source_name}: {_db_message(exc)}") from None
+    except SQLAlchemyError as exc:
+        raise SourceError(f"source {source_name}: {exc}") from None
+
+
+def check_query(url: str, query: str, *, timeout_seconds: float, source_name: str) -> list[str]:
+    """Run the query with no rows wanted, to refuse a broken one at `apply`; return columns."""
+    engine = source_engine(url)
+    try:
+        with engine.connect() as connection, connection.begin():
+            _begin_read_only(connection, timeout_seconds)
+            try:
+                result = connection.execute(text(f"SELECT * FROM ({query}) AS q WHERE 1 = 0"))
+                columns = [str(c).lower() for c in list(result.keys())]
+                result.close()
+            finally:
+                _end_read_only(connection)
+    except DBAPIError as exc:
+        raise SourceError(f"source {source_name}: {_db_message(exc)}") from None
+    except SQLAlchemyError as exc:
+        raise SourceError(f"source {source_name}: {exc}") from None
+    _column_positions(columns, source_name)
+    return columns
+
+
+def _column_positions(columns: list[str], source_name: str) -> tuple[int | None, ...]:
+    if not any(name in columns for name in ID_COLUMNS):
+        raise SourceError(
+            f"source {source_name}: the query returned the columns "
+            f"{', '.join(columns) or '(none)'} but needs a user_id or anonymous_id column "
+            "(alias one, e.g. `select id as user_id, email from users`)"
+        )
+    return tuple(
+        columns.index(name) if name in columns else None
+        for name in ("user_id", "anonymous_id", "email")
+    )
+
+
+def _clean(row: Any, positions: tuple[int | None, ...]) -> SourceRow | str:
+    user, anonymous, email = (row[p] if p is not None else None for p in positions)
+    return clean_row(user, anonymous, email)
+
+
+def _db_message(exc: DBAPIError) -> str:
+    message = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+    if "interrupted" in message or "statement timeout" in message:
+        return f"the query ran past its statement timeout ({message})"
+    return message
+
+
+def describe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    return make_url(url).render_as_string(hide_password=True)
