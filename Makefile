@@ -1,0 +1,43 @@
+# One command per habit; .ci/run calls the same targets.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-sqlite lint format typecheck bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/audience-sync demo
+
+# Needs PostgreSQL and Redis on localhost (see README, "Tests").
+test: install
+	$(BIN)/pytest
+
+# The tests that need neither PostgreSQL nor Redis.
+test-sqlite: install
+	$(BIN)/pytest -m "not postgres and not redis"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+typecheck: install
+	$(BIN)/mypy
+
+bench: install
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) demo-output audience_sync.db .pytest_cache .mypy_cache .ruff_cache
