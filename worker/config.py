@@ -198,7 +198,8 @@ def _build(model: ConfigModel, env: Mapping[str, str]) -> Config:
     seen_keys: dict[str, str] = {}
     for index, audience in enumerate(model.audiences):
         where = f"audiences[{index}] ({audience.name!r})"
-        key = validate_pinned_key(audience.key) if audience.key else audience_key(audience.name)
+        derived = audience_key(audience.name)  # refuses a name with no letters or digits
+        key = validate_pinned_key(audience.key) if audience.key else derived
         if key in seen_keys:
             raise ConfigError(
                 f"audiences {seen_keys[key]!r} and {audience.name!r} both have the key {key!r}; "
