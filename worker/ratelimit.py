@@ -17,7 +17,7 @@ from worker.errors import ConfigError
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute)\s*$", re.IGNORECASE)
 # Pace slightly under the limit so network jitter never bunches requests over it.
-SAFETY_FACTOR = 0.98
+SAFETY_FACTOR = 0.96
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,1 @@
+"""Tests of the destination clients against the local fake destinations server."""
