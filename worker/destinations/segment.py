@@ -53,7 +53,7 @@ class SegmentDestination(Destination):
         super().__init__(name)
         self._http = DestinationHttpClient(
             destination=name,
-            base_url=api_root(settings.base_url),
+            base_url=api_root(settings.endpoint),
             auth=SecretHeaderAuth(
                 header="Authorization", secret=settings.write_key, scheme="basic"
             ),

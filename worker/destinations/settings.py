@@ -51,10 +51,6 @@ class OrttoSettings(_Settings):
         ortto_segment_base_url(value.get_secret_value())
         return value
 
-    @property
-    def base_url(self) -> str:
-        return self.endpoint or ortto_segment_base_url(self.api_key.get_secret_value())
-
 
 ORTTO_API_HOSTS = {
     "default": "https://api.ap3api.com",
@@ -90,10 +86,6 @@ class SegmentSettings(_Settings):
     write_key: SecretStr
     endpoint: str = "https://api.segment.io"
     rate_limit: str = "500/s"
-
-    @property
-    def base_url(self) -> str:
-        return self.endpoint
 
 
 DestinationSettings = Annotated[
