@@ -110,7 +110,8 @@ def _churn(url: str, size: int) -> tuple[set[str], set[str]]:
             conn.scalars(
                 text(
                     "update people set is_member = true where user_id in "
-                    "(select user_id from people where not is_member and substr(user_id, 2)::int > :size "
+                    "(select user_id from people where not is_member "
+                    "and substr(user_id, 2)::int > :size "
                     "order by user_id limit :n) returning user_id"
                 ),
                 {"size": size, "n": len(left)},
