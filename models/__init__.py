@@ -3,7 +3,7 @@
 from models.audience import Audience, AudienceDestination, Destination, Source
 from models.base import Base
 from models.snapshot import Snapshot, SnapshotMember
-from models.sync import DeliveryFailure, FailingMember, SyncedMember, SyncRun
+from models.sync import DeliveryFailure, FailingMember, RunChange, SyncedMember, SyncRun
 
 __all__ = [
     "Audience",
@@ -14,6 +14,7 @@ __all__ = [
     "FailingMember",
     "Snapshot",
     "SnapshotMember",
+    "RunChange",
     "Source",
     "SyncRun",
     "SyncedMember",

@@ -65,6 +65,25 @@ class SyncRun(Base):
     pending_chunks: Mapped[int] = mapped_column(Integer, default=0)
 
 
+class RunChange(Base):
+    """One change a run is to deliver, computed set-based when the run starts. Rows leave
+    as their page is recorded; what a dead run leaves marked `is_in_flight` may have reached
+    the destination unrecorded, and is settled by the next run."""
+
+    __tablename__ = "run_changes"
+
+    run_id: Mapped[int] = mapped_column(
+        ForeignKey("sync_runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    member_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    is_anonymous: Mapped[bool] = mapped_column(Boolean)
+    email: Mapped[str | None] = mapped_column(String(255))
+    value: Mapped[bool] = mapped_column(Boolean)
+    # The run that recorded the destination's current value (None: never told).
+    previous_run_id: Mapped[int | None] = mapped_column(BigId)
+    is_in_flight: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
 class DeliveryFailure(Base):
     """One user's rejected call in one run (history; never updated)."""
 
