@@ -28,6 +28,12 @@ class Settings(BaseSettings):
     source_fetch_size: int = Field(default=10_000, ge=1)
     # Changes per Celery delivery chunk when a run fans out across workers.
     chunk_size: int = Field(default=20_000, ge=1)
+    # The Celery queue every task goes to (deployments sharing one Redis use different ones).
+    celery_queue: str = Field(default="audience_sync", min_length=1)
+    # A sync whose run failed (or a chunk whose destination stayed down) is tried again by its
+    # task this many times, after this delay, doubled at each attempt.
+    task_retries: int = Field(default=3, ge=0)
+    task_retry_delay_seconds: float = Field(default=60.0, ge=0)
     # Test hook: stop the process (SIGKILL) when the sync reaches this named step.
     crash_at: str | None = None
 
