@@ -8,13 +8,21 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import sqlparse
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
+from sqlparse import tokens as sql_tokens
 
 from worker.destinations.settings import (
     DESTINATION_TYPES,
@@ -48,9 +56,13 @@ class AudienceModel(_Strict):
     max_exit_fraction: float = Field(default=0.5, gt=0, le=1)
 
 
+# Source and destination names: the state database keeps at most 100 characters.
+Name = Annotated[str, StringConstraints(min_length=1, max_length=100)]
+
+
 class ConfigModel(_Strict):
-    sources: dict[str, SourceModel] = Field(default_factory=dict)
-    destinations: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    sources: dict[Name, SourceModel] = Field(default_factory=dict)
+    destinations: dict[Name, dict[str, Any]] = Field(default_factory=dict)
     audiences: list[AudienceModel] = Field(default_factory=list)
 
 
@@ -109,18 +121,32 @@ def resolve_env(value: Any, env: Mapping[str, str], where: str) -> Any:
     return value
 
 
-def validate_destination(name: str, template: Mapping[str, Any], env: Mapping[str, str]) -> Any:
-    """Resolve and validate one destination's settings; return the typed settings."""
+def validate_destination(
+    name: str,
+    template: Mapping[str, Any],
+    env: Mapping[str, str],
+    *,
+    root: yaml.Node | None = None,
+) -> Any:
+    """Resolve and validate one destination's settings; return the typed settings. With
+    the file's YAML `root`, errors name the line."""
+
     where = f"destinations.{name}"
+
+    def line(*loc: str | int) -> str:
+        number = _line_of(root, ("destinations", name, *loc)) if root is not None else None
+        return f" (line {number})" if number else ""
+
     kind = template.get("type")
     if kind not in DESTINATION_TYPES:
         raise ConfigError(
-            f"{where}: unknown destination type {kind!r}; use one of {', '.join(DESTINATION_TYPES)}"
+            f"{where}{line('type')}: unknown destination type {kind!r}; use one of "
+            f"{', '.join(DESTINATION_TYPES)}"
         )
     for field in SECRET_FIELDS & template.keys():
         if not _ENV_REF.search(str(template[field])):
             raise ConfigError(
-                f"{where}.{field}: write it as an environment reference such as "
+                f"{where}.{field}{line(field)}: write it as an environment reference such as "
                 f"'${{{name.upper().replace('-', '_')}_{field.upper()}}}'; secrets are never "
                 "stored in the state database"
             )
@@ -128,7 +154,12 @@ def validate_destination(name: str, template: Mapping[str, Any], env: Mapping[st
     try:
         return _DESTINATION_ADAPTER.validate_python(resolved)
     except ValidationError as exc:
-        raise ConfigError(f"{where}: {_describe(exc, hide_input=True)}") from None
+        # The first part of the location is the type (the union's tag): leave it out.
+        loc = tuple(exc.errors()[0]["loc"])[1:]
+        message = _describe(exc, hide_input=True, skip=1)
+        raise ConfigError(f"{where}{line(*loc)}: {message}") from None
+    except ConfigError as exc:  # raised by a field's own parser (rate_limit)
+        raise ConfigError(f"{where}{line('rate_limit')}: {exc}") from None
 
 
 def resolve_source_url(name: str, template: str, env: Mapping[str, str]) -> str:
@@ -143,8 +174,25 @@ def resolve_source_url(name: str, template: str, env: Mapping[str, str]) -> str:
     return url
 
 
+def statement_body(query: str) -> str:
+    """The query without its trailing semicolons, comments and blanks: the form that is
+    stored, wrapped by the `apply` check and run."""
+    tokens = [
+        token
+        for statement in sqlparse.parse(query)
+        for token in statement.flatten()  # type: ignore[no-untyped-call]
+    ]
+    while tokens and (
+        tokens[-1].is_whitespace
+        or tokens[-1].ttype in sql_tokens.Comment
+        or tokens[-1].match(sql_tokens.Punctuation, ";")
+    ):
+        tokens.pop()
+    return "".join(token.value for token in tokens).strip()
+
+
 def check_single_statement(where: str, query: str) -> None:
-    statements = [s for s in sqlparse.split(query) if s.strip().strip(";").strip()]
+    statements = [s for s in sqlparse.split(query) if statement_body(s)]
     if len(statements) != 1:
         raise ConfigError(
             f"{where}.query holds {len(statements)} statements; an audience query must be "
@@ -163,7 +211,10 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: malformed YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}{at}: malformed YAML: {' '.join(problem.split())}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -177,10 +228,10 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
         line = _line_of(root, error["loc"])
         at = f" (line {line})" if line else ""
         raise ConfigError(f"{path}{at}: {_describe(exc)}") from None
-    return _build(model, env)
+    return _build(model, env, root)
 
 
-def _build(model: ConfigModel, env: Mapping[str, str]) -> Config:
+def _build(model: ConfigModel, env: Mapping[str, str], root: yaml.Node | None) -> Config:
     sources = []
     for name, source in model.sources.items():
         resolved = resolve_source_url(name, source.url, env)
@@ -192,7 +243,7 @@ def _build(model: ConfigModel, env: Mapping[str, str]) -> Config:
         sources.append(SourceSpec(name, source.url, source.statement_timeout))
     destinations = []
     for name, template in model.destinations.items():
-        validate_destination(name, template, env)
+        validate_destination(name, template, env, root=root)
         destinations.append(DestinationSpec(name, str(template["type"]), dict(template)))
     audiences: list[AudienceSpec] = []
     seen_keys: dict[str, str] = {}
@@ -230,7 +281,7 @@ def _build(model: ConfigModel, env: Mapping[str, str]) -> Config:
                 name=audience.name,
                 is_key_pinned=audience.key is not None,
                 source=audience.source,
-                query=audience.query.strip().rstrip(";").strip(),
+                query=statement_body(audience.query),
                 schedule=audience.schedule,
                 destinations=tuple(audience.destinations),
                 max_exit_fraction=audience.max_exit_fraction,
@@ -239,9 +290,10 @@ def _build(model: ConfigModel, env: Mapping[str, str]) -> Config:
     return Config(tuple(sources), tuple(destinations), tuple(audiences))
 
 
-def _describe(exc: ValidationError, *, hide_input: bool = False) -> str:
+def _describe(exc: ValidationError, *, hide_input: bool = False, skip: int = 0) -> str:
     error = exc.errors()[0]
-    location = ".".join(str(part) for part in error["loc"])
+    # "[key]" marks an error in a mapping's key (a name) rather than in its value.
+    location = ".".join(str(part) for part in error["loc"][skip:] if part != "[key]")
     if error["type"] == "extra_forbidden":
         return f"unknown key {location!r}"
     message = error["msg"]

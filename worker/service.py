@@ -88,12 +88,39 @@ class PreparedRun:
     lock_owner: str
     to_enter: int
     to_exit: int
+    # Where the time went before delivery (logged, and read by the benchmark).
+    snapshot_seconds: float = 0.0
+    diff_seconds: float = 0.0
 
     @property
     def scope(self) -> change_repo.PairScope:
         return change_repo.PairScope(
             self.audience.id, self.destination_id, self.snapshot_id, self.is_full
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRange:
+    """One fan-out chunk: the changes of `phase` with member_id in (after, upto]."""
+
+    phase: str
+    after: str | None
+    upto: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class FanOut:
+    """A started run too large for one worker: deliver each chunk, then close the run."""
+
+    prepared: PreparedRun
+    chunks: list[ChunkRange]
+
+
+def chunk_ranges(phase: str, boundaries: Sequence[str]) -> list[ChunkRange]:
+    """Cut a phase at its chunk boundaries: (None, b0], (b0, b1], ..., (b_last, None).
+    The last chunk is open-ended, so every change lands in exactly one chunk."""
+    edges: list[str | None] = [None, *boundaries, None]
+    return [ChunkRange(phase, edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
 
 
 @dataclass(slots=True)
@@ -288,6 +315,33 @@ class SyncService:
         prepared = self.start_run(pair_id, request)
         if isinstance(prepared, RunSummary):
             return prepared
+        return self.deliver_run(prepared)
+
+    def start_sync(self, pair_id: int, request: SyncRequest) -> RunSummary | FanOut:
+        """Start a sync for the Celery workers. A run with fewer changes than one chunk is
+        delivered and closed here; a larger one comes back with its chunks, for workers to
+        deliver in parallel (`deliver_range` each) and to close once all are done."""
+        prepared = self.start_run(pair_id, request)
+        if isinstance(prepared, RunSummary):
+            return prepared
+        chunk_size = self._settings.chunk_size
+        if prepared.to_enter + prepared.to_exit < chunk_size:
+            return self.deliver_run(prepared)
+        chunks: list[ChunkRange] = []
+        with self._uow() as session:
+            for phase, count in (
+                (change_repo.EXIT, prepared.to_exit),
+                (change_repo.ENTER, prepared.to_enter),
+            ):
+                if count:
+                    boundaries = change_repo.chunk_boundaries(
+                        session, prepared.scope, phase, chunk_size=chunk_size
+                    )
+                    chunks.extend(chunk_ranges(phase, boundaries))
+        return FanOut(prepared, chunks)
+
+    def deliver_run(self, prepared: PreparedRun) -> RunSummary:
+        """Deliver every change of a prepared run in this process, then close the run."""
         progress = self._progress()
         progress.start(
             f"{prepared.audience.key} -> {prepared.destination_name}",
@@ -332,6 +386,8 @@ class SyncService:
                 )
                 return self._summary(run, audience.key, destination.name, started)
             run_repo.close_interrupted_runs(session, audience.id, destination.id, now=now)
+            if not request.is_dry_run:
+                settle_stopped_runs(session, audience.id, destination.id, now=now)
             has_state = change_repo.has_synced_state(session, audience.id, destination.id)
             mode = (
                 "dry_run"
@@ -369,18 +425,28 @@ class SyncService:
         def end(status: str, error: str | None, **values: int) -> RunSummary:
             return self._end_run(run_id, pair_id, owner, status, error, started, **values)
 
+        snapshot_started = time.monotonic()
         try:
             snapshot_id, members, skipped = self._take_snapshot(
                 run_id, ref.id, source_name, source_url, query, source_timeout
             )
         except (SourceError, ConfigError) as exc:
             return end(run_repo.FAILED, str(exc))
+        diff_started = time.monotonic()
 
         with self._uow() as session:
             scope = change_repo.PairScope(ref.id, destination_id, snapshot_id, request.is_full)
             to_enter, to_exit = change_repo.count_changes(session, scope)
-            entered = change_repo.count_newly_entered(session, scope)
+            diff_finished = time.monotonic()
+            entered = (
+                change_repo.count_newly_entered(session, scope) if request.is_full else to_enter
+            )
             held = change_repo.count_synced_members(session, ref.id, destination_id)
+            member_exits = to_exit
+            if held and to_exit > max_exit_fraction * held:
+                # Users in doubt after a failed run are re-sent `false` too; the guard is
+                # about members the destination holds, so count only those.
+                member_exits = change_repo.count_member_exits(session, scope)
             previous = snapshot_repo.previous_member_count(session, ref.id, snapshot_id)
             run_repo.update_run(
                 session,
@@ -398,7 +464,7 @@ class SyncService:
                     members=members,
                     previous_members=previous,
                     held_members=held,
-                    exits=to_exit,
+                    exits=member_exits,
                     max_exit_fraction=max_exit_fraction,
                 )
             )
@@ -414,6 +480,9 @@ class SyncService:
             client = self._client(destination_name, destination_settings)
             field_id = client.prepare(ref)
         except (DestinationError, ConfigError) as exc:
+            with self._uow() as session:
+                # Nothing was sent: no change of this run is in doubt (see settle_stopped_runs).
+                run_repo.update_run(session, run_id, snapshot_id=None)
             return end(run_repo.FAILED, str(exc))
         if field_id != ref.field_id:
             with self._uow() as session:
@@ -431,6 +500,8 @@ class SyncService:
             lock_owner=owner,
             to_enter=to_enter,
             to_exit=to_exit,
+            snapshot_seconds=diff_started - snapshot_started,
+            diff_seconds=diff_finished - diff_started,
         )
 
     def _take_snapshot(
@@ -489,6 +560,10 @@ class SyncService:
         cursor = after
         while True:
             with self._uow() as session:
+                # A run taken for dead (its lock expired and another run took it over) must
+                # not send what it computed back then: the source may have moved on.
+                if not audience_repo.holds_lock(session, prepared.pair_id, prepared.lock_owner):
+                    raise DestinationError("the run lost its lock (it was idle past the lock TTL)")
                 page = change_repo.page_of_changes(
                     session, prepared.scope, phase, after=cursor, upto=upto, limit=page_size
                 )
@@ -547,6 +622,7 @@ class SyncService:
                 if run.failed
                 else None
             )
+            change_repo.forget_moot_failures(session, prepared.scope)
             protect = {prepared.snapshot_id}
             snapshot_repo.prune_snapshots(
                 session,
@@ -574,8 +650,13 @@ class SyncService:
     ) -> RunSummary:
         now = self._clock()
         with self._uow() as session:
-            run_repo.update_run(session, run_id, status=status, error=error, finished_at=now)
-            audience_repo.release_lock(session, pair_id, owner)
+            current = run_repo.get_run(session, run_id)
+            # A run is closed once: closing it again (a redelivered finish task, a run taken
+            # over as interrupted) keeps the first outcome and touches no lock.
+            is_closing = current is not None and current.status == run_repo.RUNNING
+            if is_closing:
+                run_repo.update_run(session, run_id, status=status, error=error, finished_at=now)
+                audience_repo.release_lock(session, pair_id, owner)
             run = run_repo.get_run(session, run_id)
             pair = audience_repo.pair_by_id(session, pair_id)
             assert run is not None and pair is not None
@@ -586,7 +667,8 @@ class SyncService:
                 pair.destination.name,
                 started,
             )
-        logger.info("sync finished %s", json.dumps(summary_fields(summary), sort_keys=True))
+        if is_closing:
+            logger.info("sync finished %s", json.dumps(summary_fields(summary), sort_keys=True))
         return summary
 
     def _summary(
@@ -673,8 +755,16 @@ class SyncService:
 
     def due_pairs(self) -> list[int]:
         """Pairs whose schedule says they should run now and that no run holds."""
+        rows = self.status()
+        # Read the clock after status(): a pair that never ran is due at status()'s own now.
         now = self._clock()
-        return [p.pair_id for p in self.status() if p.next_due_at <= now and not p.is_running]
+        return [p.pair_id for p in rows if p.next_due_at <= now and not p.is_running]
+
+    def is_due(self, pair_id: int) -> bool:
+        """Whether the pair's schedule says it should run now (held by a run or not)."""
+        rows = self.status()
+        now = self._clock()
+        return any(p.pair_id == pair_id and p.next_due_at <= now for p in rows)
 
     # ----------------------------------------------------------------- archiving
 
@@ -723,6 +813,9 @@ class SyncService:
                 )
                 return self._summary(run, audience.key, destination.name, started)
             run_repo.close_interrupted_runs(session, audience.id, destination.id, now=now)
+            settle_stopped_runs(session, audience.id, destination.id, now=now)
+            # Every user the destination may hold as a member gets `false`, quarantined or not.
+            run_repo.release_quarantine(session, audience.id, destination.id)
             run = run_repo.create_run(
                 session,
                 audience_id=audience.id,
@@ -755,6 +848,24 @@ class SyncService:
         except DestinationError as exc:
             return self.fail_run(prepared, str(exc))
         return self.finish_run(prepared)
+
+
+def settle_stopped_runs(
+    session: Session, audience_id: int, destination_id: int, *, now: datetime
+) -> None:
+    """Before a pair's next run: whatever a failed run may have sent without recording it
+    becomes in doubt, so this run re-sends those users their current value (a user the dead
+    run told `true` and who left since still gets `false`). Call with the pair lock held."""
+    for run_id, snapshot_id, is_kept in run_repo.runs_to_settle(
+        session, audience_id, destination_id
+    ):
+        if is_kept:
+            change_repo.mark_in_doubt(
+                session, audience_id, destination_id, snapshot_id, run_id=run_id, now=now
+            )
+        else:  # pruned before this release protected it: what the run did is not known
+            logger.warning("run %s failed and its snapshot is gone; nothing to re-send", run_id)
+        run_repo.update_run(session, run_id, snapshot_id=None)
 
 
 def mass_exit_reason(

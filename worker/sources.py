@@ -24,10 +24,11 @@ class SourceRow:
 
 
 def clean_row(user_id: Any, anonymous_id: Any, email: Any) -> SourceRow | str:
-    """A source row as a member, or the reason it is skipped (`null_id`, `id_too_long`).
+    """A source row as a member, or the reason it is skipped (`null_id`, `id_too_long`,
+    `invalid_id`).
 
     `user_id` wins over `anonymous_id` when both are present. An email that cannot be
-    valid (empty, over 255 characters) is dropped, not the member.
+    valid (empty, over 255 characters, a NUL character) is dropped, not the member.
     """
     for value, is_anonymous in ((user_id, False), (anonymous_id, True)):
         if value is None:
@@ -37,8 +38,10 @@ def clean_row(user_id: Any, anonymous_id: Any, email: Any) -> SourceRow | str:
             continue
         if len(member_id) > MAX_ID_LENGTH:
             return "id_too_long"
+        if "\x00" in member_id:  # no database text column takes it (PostgreSQL refuses it)
+            return "invalid_id"
         clean_email = str(email).strip() if email is not None else ""
-        if not clean_email or len(clean_email) > MAX_EMAIL_LENGTH:
+        if not clean_email or len(clean_email) > MAX_EMAIL_LENGTH or "\x00" in clean_email:
             return SourceRow(member_id, is_anonymous, None)
         return SourceRow(member_id, is_anonymous, clean_email)
     return "null_id"
@@ -123,7 +126,8 @@ def check_query(url: str, query: str, *, timeout_seconds: float, source_name: st
         with engine.connect() as connection, connection.begin():
             _begin_read_only(connection, timeout_seconds)
             try:
-                result = connection.execute(text(f"SELECT * FROM ({query}) AS q WHERE 1 = 0"))
+                # On lines of its own: a `--` comment ending the query must not hide the `)`.
+                result = connection.execute(text(f"SELECT * FROM (\n{query}\n) AS q WHERE 1 = 0"))
                 columns = [str(c).lower() for c in list(result.keys())]
                 result.close()
             finally:

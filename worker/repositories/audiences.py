@@ -108,6 +108,14 @@ def extend_lock(
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
+def holds_lock(session: Session, pair_id: int, owner: str) -> bool:
+    """Whether `owner` still holds the pair's lock (nobody took it over after it expired)."""
+    holder = session.scalar(
+        select(AudienceDestination.lock_owner).where(AudienceDestination.id == pair_id)
+    )
+    return holder == owner
+
+
 def hand_over_lock(session: Session, pair_id: int, holder: str, new_holder: str) -> None:
     """Rename the lock's owner (a run takes over the lock its caller acquired)."""
     session.execute(

@@ -5,13 +5,16 @@ ever loaded whole into Python and a page's writes never disturb the pages after 
 """
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, exists, false, func, literal, or_, select, true
+from sqlalchemy import and_, delete, exists, false, func, literal, null, or_, select, text, true
 from sqlalchemy.orm import Session
 
 from models import FailingMember, SnapshotMember, SyncedMember
+from models.base import UTCDateTime
 from worker.payloads import Change
+from worker.repositories.dialect import insert_for
 
 ENTER = "enter"  # `true` for members (every member in a full sync)
 EXIT = "exit"  # `false` for users the destination holds as members who left
@@ -46,6 +49,16 @@ def _not_quarantined(scope: PairScope, member_id: Any) -> Any:
     )
 
 
+def _is_failing(scope: PairScope, member_id: Any) -> Any:
+    """The user's last call was rejected, or a run that stopped may have sent it one it never
+    recorded: the destination's value is not known, so the user gets its current value."""
+    return exists().where(
+        FailingMember.audience_id == scope.audience_id,
+        FailingMember.destination_id == scope.destination_id,
+        FailingMember.member_id == member_id,
+    )
+
+
 def _enter_select(scope: PairScope, *columns: Any) -> Any:
     query = (
         select(*columns)
@@ -56,7 +69,11 @@ def _enter_select(scope: PairScope, *columns: Any) -> Any:
     )
     if not scope.is_full:
         query = query.where(
-            or_(SyncedMember.is_member.is_(None), SyncedMember.is_member == false())
+            or_(
+                SyncedMember.is_member.is_(None),
+                SyncedMember.is_member == false(),
+                _is_failing(scope, SnapshotMember.member_id),
+            )
         )
     return query
 
@@ -71,7 +88,7 @@ def _exit_select(scope: PairScope, *columns: Any) -> Any:
         .where(
             SyncedMember.audience_id == scope.audience_id,
             SyncedMember.destination_id == scope.destination_id,
-            SyncedMember.is_member.is_(True),
+            or_(SyncedMember.is_member.is_(True), _is_failing(scope, SyncedMember.member_id)),
             ~in_snapshot,
         )
         .where(_not_quarantined(scope, SyncedMember.member_id))
@@ -83,6 +100,123 @@ def count_changes(session: Session, scope: PairScope) -> tuple[int, int]:
     enter = session.scalar(_enter_select(scope, func.count())) or 0
     leave = session.scalar(_exit_select(scope, func.count())) or 0
     return enter, leave
+
+
+def mark_in_doubt(
+    session: Session,
+    audience_id: int,
+    destination_id: int,
+    snapshot_id: int,
+    *,
+    run_id: int,
+    now: datetime,
+) -> None:
+    """Record what a run that stopped while delivering (killed, or failed mid-request) may
+    have told the destination without recording it: any change of its snapshot.
+
+    Each such user gets a failing row (kept if one exists), so later runs send the user's
+    current value even where the synced state already agrees with the source; a member the
+    run may have told `true` first also gets a synced row (`false`), so that an exit can
+    reach the user if the source drops them before that.
+    """
+    is_postgres = session.get_bind().dialect.name == "postgresql"
+    if is_postgres:
+        # The dead run wrote these without the statistics catching up: without fresh ones
+        # the planner takes the tables for empty and the anti-joins below turn quadratic.
+        session.execute(text("ANALYZE synced_members, snapshot_members"))
+    scope = PairScope(audience_id, destination_id, snapshot_id, include_quarantined=True)
+    message = f"in doubt: run {run_id} stopped before recording the destination's answer"
+    failing = insert_for(session, FailingMember.__table__)  # type: ignore[arg-type]
+    failing_columns = [
+        "audience_id",
+        "destination_id",
+        "member_id",
+        "consecutive_failures",
+        "is_quarantined",
+        "last_value",
+        "last_status",
+        "last_message",
+        "last_run_id",
+        "updated_at",
+    ]
+    for select_changes, member_id, value in (
+        (_enter_select, SnapshotMember.member_id, True),
+        (_exit_select, SyncedMember.member_id, False),
+    ):
+        rows = select_changes(
+            scope,
+            literal(audience_id),
+            literal(destination_id),
+            member_id,
+            literal(0),
+            false(),
+            literal(value),
+            null(),
+            literal(message),
+            literal(run_id),
+            literal(now, UTCDateTime()),
+        )
+        session.execute(failing.from_select(failing_columns, rows).on_conflict_do_nothing())
+    never_told = (
+        select(
+            literal(audience_id),
+            literal(destination_id),
+            SnapshotMember.member_id,
+            SnapshotMember.is_anonymous,
+            false(),
+            SnapshotMember.email,
+            literal(now, UTCDateTime()),
+            null(),
+        )
+        .select_from(SnapshotMember)
+        .outerjoin(SyncedMember, _synced_join(scope))
+        .where(SnapshotMember.snapshot_id == snapshot_id, SyncedMember.member_id.is_(None))
+    )
+    synced = insert_for(session, SyncedMember.__table__)  # type: ignore[arg-type]
+    session.execute(
+        synced.from_select(
+            [
+                "audience_id",
+                "destination_id",
+                "member_id",
+                "is_anonymous",
+                "is_member",
+                "email",
+                "updated_at",
+                "run_id",
+            ],
+            never_told,
+        ).on_conflict_do_nothing()
+    )
+    if is_postgres:
+        session.execute(text("ANALYZE failing_members, synced_members"))
+
+
+def forget_moot_failures(session: Session, scope: PairScope) -> None:
+    """Drop the failing rows of users who left the audience and for whom the destination
+    never accepted a value: nothing is owed to them any more (were they quarantined, they
+    start afresh should they come back)."""
+    session.execute(
+        delete(FailingMember).where(
+            FailingMember.audience_id == scope.audience_id,
+            FailingMember.destination_id == scope.destination_id,
+            ~exists().where(
+                SyncedMember.audience_id == scope.audience_id,
+                SyncedMember.destination_id == scope.destination_id,
+                SyncedMember.member_id == FailingMember.member_id,
+            ),
+            ~exists().where(
+                SnapshotMember.snapshot_id == scope.snapshot_id,
+                SnapshotMember.member_id == FailingMember.member_id,
+            ),
+        )
+    )
+
+
+def count_member_exits(session: Session, scope: PairScope) -> int:
+    """Users to send `false` whom the destination holds as members (users in doubt aside)."""
+    query = _exit_select(scope, func.count()).where(SyncedMember.is_member.is_(True))
+    return session.scalar(query) or 0
 
 
 def count_newly_entered(session: Session, scope: PairScope) -> int:

@@ -4,10 +4,18 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, exists, func, select, text, update
 from sqlalchemy.orm import Session
 
-from models import Audience, DeliveryFailure, Destination, FailingMember, SyncedMember, SyncRun
+from models import (
+    Audience,
+    DeliveryFailure,
+    Destination,
+    FailingMember,
+    Snapshot,
+    SyncedMember,
+    SyncRun,
+)
 from worker.payloads import Change
 from worker.repositories.dialect import insert_for
 
@@ -70,6 +78,25 @@ def close_interrupted_runs(
         .execution_options(synchronize_session=False)
     )
     return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def runs_to_settle(
+    session: Session, audience_id: int, destination_id: int
+) -> list[tuple[int, int, bool]]:
+    """(run id, snapshot id, whether the snapshot still exists) of the pair's failed runs
+    whose changes may have been sent but not recorded (nobody settled them yet)."""
+    is_kept = exists().where(Snapshot.id == SyncRun.snapshot_id)
+    rows = session.execute(
+        select(SyncRun.id, SyncRun.snapshot_id, is_kept)
+        .where(
+            SyncRun.audience_id == audience_id,
+            SyncRun.destination_id == destination_id,
+            SyncRun.status == FAILED,
+            SyncRun.snapshot_id.is_not(None),
+        )
+        .order_by(SyncRun.id)
+    ).all()
+    return [(run_id, snapshot_id, bool(kept)) for run_id, snapshot_id, kept in rows if snapshot_id]
 
 
 def running_run_id(session: Session, audience_id: int, destination_id: int) -> int | None:
@@ -168,34 +195,60 @@ def record_accepted(
     """Advance the synced state of accepted users (one bulk upsert) and clear their failures."""
     if not changes:
         return
-    table = SyncedMember.__table__
-    statement = insert_for(session, table)  # type: ignore[arg-type]
-    statement = statement.on_conflict_do_update(
-        index_elements=["audience_id", "destination_id", "member_id"],
-        set_={
-            "is_member": statement.excluded.is_member,
-            "is_anonymous": statement.excluded.is_anonymous,
-            "email": statement.excluded.email,
-            "updated_at": statement.excluded.updated_at,
-            "run_id": statement.excluded.run_id,
-        },
-    )
-    session.execute(
-        statement,
-        [
+    if session.get_bind().dialect.name == "postgresql":
+        # One statement for the whole page: arrays in, unnest, upsert.
+        session.execute(
+            text(
+                "INSERT INTO synced_members (audience_id, destination_id, member_id, "
+                "is_anonymous, is_member, email, updated_at, run_id) "
+                "SELECT :audience_id, :destination_id, m, a, v, e, :now, :run_id "
+                "FROM unnest(CAST(:ids AS text[]), CAST(:anons AS boolean[]), "
+                "CAST(:values AS boolean[]), CAST(:emails AS text[])) AS t(m, a, v, e) "
+                "ON CONFLICT (audience_id, destination_id, member_id) DO UPDATE SET "
+                "is_member = excluded.is_member, is_anonymous = excluded.is_anonymous, "
+                "email = excluded.email, updated_at = excluded.updated_at, "
+                "run_id = excluded.run_id"
+            ),
             {
                 "audience_id": audience_id,
                 "destination_id": destination_id,
-                "member_id": change.member_id,
-                "is_anonymous": change.is_anonymous,
-                "is_member": change.value,
-                "email": change.email,
-                "updated_at": now,
+                "now": now,
                 "run_id": run_id,
-            }
-            for change in changes
-        ],
-    )
+                "ids": [c.member_id for c in changes],
+                "anons": [c.is_anonymous for c in changes],
+                "values": [c.value for c in changes],
+                "emails": [c.email for c in changes],
+            },
+        )
+    else:
+        table = SyncedMember.__table__
+        statement = insert_for(session, table)  # type: ignore[arg-type]
+        statement = statement.on_conflict_do_update(
+            index_elements=["audience_id", "destination_id", "member_id"],
+            set_={
+                "is_member": statement.excluded.is_member,
+                "is_anonymous": statement.excluded.is_anonymous,
+                "email": statement.excluded.email,
+                "updated_at": statement.excluded.updated_at,
+                "run_id": statement.excluded.run_id,
+            },
+        )
+        session.execute(
+            statement,
+            [
+                {
+                    "audience_id": audience_id,
+                    "destination_id": destination_id,
+                    "member_id": change.member_id,
+                    "is_anonymous": change.is_anonymous,
+                    "is_member": change.value,
+                    "email": change.email,
+                    "updated_at": now,
+                    "run_id": run_id,
+                }
+                for change in changes
+            ],
+        )
     session.execute(
         delete(FailingMember).where(
             FailingMember.audience_id == audience_id,
@@ -298,13 +351,14 @@ def release_quarantine(session: Session, audience_id: int, destination_id: int) 
 
 
 def snapshots_in_use(session: Session, audience_id: int) -> set[int]:
-    """Snapshots that running syncs of the audience still read (never pruned)."""
+    """Snapshots that running syncs of the audience still read, or that failed runs still
+    to settle hold (never pruned)."""
     return {
         snapshot_id
         for snapshot_id in session.scalars(
             select(SyncRun.snapshot_id).where(
                 SyncRun.audience_id == audience_id,
-                SyncRun.status == RUNNING,
+                SyncRun.status.in_((RUNNING, FAILED)),
                 SyncRun.snapshot_id.is_not(None),
             )
         )

@@ -1,0 +1,217 @@
+"""The `audience-sync` command line, through typer's CliRunner (SQLite state database, the
+file destination): what each command prints and its exit status."""
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.databases import ShopSource, state_database
+from tests.fixtures.factories import audience, read_calls, write_config
+from tests.fixtures.guarantees import error_lines, invoke, point_cli_at
+from worker.db import make_engine, make_session_factory
+from worker.pool import DestinationPool, http_options
+from worker.service import SyncRequest, SyncService
+from worker.settings import Settings, get_settings
+
+
+@pytest.fixture
+def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    with state_database("sqlite", tmp_path) as url:
+        point_cli_at(monkeypatch, url)
+        yield url
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def shop(tmp_path: Path) -> Iterator[ShopSource]:
+    source = ShopSource(f"sqlite:///{tmp_path / 'shop.db'}")
+    source.add(
+        [
+            ("u1", "u1@example.com", 1, 1, 0),
+            ("u2", None, 1, 0, 0),
+            ("u3", None, 0, 1, 0),
+        ]
+    )
+    yield source
+    source.engine.dispose()
+
+
+def _config(tmp_path: Path, shop: ShopSource, *names: str) -> Path:
+    flags = {"Order Completed": "a", "High-Value Customers": "b"}
+    return write_config(
+        tmp_path,
+        source_url=shop.url,
+        audiences=[audience(name, flags[name], schedule="every 2h") for name in names],
+    )
+
+
+def _table_rows(output: str, width: int) -> list[list[str]]:
+    """The body rows of a rich table printed by a command (the header is drawn with
+    other lines)."""
+    rows = []
+    for line in output.splitlines():
+        cells = [cell.strip() for cell in line.split("│")[1:-1]]
+        if len(cells) == width:
+            rows.append(cells)
+    return rows
+
+
+def _sync(*args: str) -> tuple[int, list[dict[str, object]]]:
+    result = invoke("sync", *args)
+    history = invoke("history", "--json")
+    return result.exit_code, [json.loads(line) for line in history.stdout.splitlines()]
+
+
+def test_apply_creates_updates_and_archives(state: str, shop: ShopSource, tmp_path: Path) -> None:
+    both = _config(tmp_path, shop, "Order Completed", "High-Value Customers")
+    result = invoke("apply", str(both))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "created: order_completed, high_value_customers"
+    assert invoke("apply", str(both)).stdout.strip() == (
+        "unchanged: order_completed, high_value_customers"
+    )
+    listed = _table_rows(invoke("audiences", "list").stdout, 6)
+    assert listed == [
+        ["high_value_customers", "High-Value Customers", "shop", "every 2h", "local", ""],
+        ["order_completed", "Order Completed", "shop", "every 2h", "local", ""],
+    ]
+
+    one = _config(tmp_path, shop, "Order Completed")
+    assert invoke("apply", str(one)).stdout.strip().splitlines() == [
+        "archived: high_value_customers",
+        "unchanged: order_completed",
+    ]
+    listed = _table_rows(invoke("audiences", "list").stdout, 6)
+    assert [row[0] for row in listed if row[5] == "yes"] == ["high_value_customers"]
+
+
+def test_sync_and_history(state: str, shop: ShopSource, tmp_path: Path) -> None:
+    invoke("apply", str(_config(tmp_path, shop, "Order Completed", "High-Value Customers")))
+    result = invoke("sync")
+    assert result.exit_code == 0, result.output
+    rows = _table_rows(result.stdout, 12)
+    assert [(row[1], row[3], row[4], row[5], row[8]) for row in rows] == [
+        ("high_value_customers", "initial", "succeeded", "2", "2"),
+        ("order_completed", "initial", "succeeded", "2", "2"),
+    ]
+    assert len(read_calls(tmp_path / "identify.ndjson")) == 4
+
+    code, runs = _sync("order_completed", "--dry-run")
+    assert code == 0 and (runs[0]["mode"], runs[0]["sent"]) == ("dry_run", 0)
+    code, runs = _sync("order_completed", "--full")
+    assert code == 0 and (runs[0]["mode"], runs[0]["sent"]) == ("full", 2)
+
+    history = [json.loads(line) for line in invoke("history", "--json").stdout.splitlines()]
+    assert [r["id"] for r in history] == [4, 3, 2, 1]  # newest first
+    assert set(history[0]) >= {
+        "id", "audience", "destination", "mode", "trigger", "status", "started_at",
+        "finished_at", "members", "entered", "exited", "sent", "failed", "skipped_rows",
+        "error",
+    }  # fmt: skip
+    limited = invoke("history", "--json", "--limit", "1", "--audience", "high_value_customers")
+    assert [json.loads(line)["id"] for line in limited.stdout.splitlines()] == [1]
+    table = _table_rows(invoke("history").stdout, 13)
+    assert [row[0] for row in table] == ["4", "3", "2", "1"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["sync", "no_such_audience"], "no audience with key 'no_such_audience'"),
+        (["sync", "order_completed", "--all"], "not both"),
+        (["sync", "--destination", "nowhere"], "no destination named 'nowhere'"),
+        (["runs", "show", "999"], "no run 999"),
+        (["archive", "no_such_audience"], "no audience with key 'no_such_audience'"),
+        (["apply", "no-such-file.yml"], "cannot read no-such-file.yml"),
+        (["destinations", "check", "nowhere"], "no destination named 'nowhere'"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(
+    state: str, shop: ShopSource, tmp_path: Path, args: list[str], message: str
+) -> None:
+    invoke("apply", str(_config(tmp_path, shop, "Order Completed")))
+    result = invoke(*args)
+    assert result.exit_code == 2
+    [line] = error_lines(result)
+    assert line.startswith("error: ") and message in line, line
+
+
+def test_runs_that_fail_exit_1(state: str, shop: ShopSource, tmp_path: Path) -> None:
+    invoke("apply", str(_config(tmp_path, shop, "Order Completed")))
+    shop.execute("alter table people rename to customers")
+    code, runs = _sync("order_completed")
+    assert code == 1
+    assert runs[0]["status"] == "failed" and "people" in str(runs[0]["error"])
+
+
+def test_runs_show(state: str, shop: ShopSource, tmp_path: Path) -> None:
+    invoke("apply", str(_config(tmp_path, shop, "Order Completed")))
+    invoke("sync")
+    shown = invoke("runs", "show", "1")
+    assert shown.exit_code == 0
+    fields = dict(line.split(": ", 1) for line in shown.stdout.splitlines() if ": " in line)
+    assert fields["audience"] == "order_completed"
+    assert (fields["status"], fields["members"], fields["sent"]) == ("succeeded", "2", "2")
+    assert fields["skipped_rows"] == "none"
+    as_json = json.loads(invoke("runs", "show", "1", "--json").stdout)
+    assert (as_json["id"], as_json["failures"]) == (1, [])
+
+
+def test_failures_and_archive(state: str, shop: ShopSource, tmp_path: Path) -> None:
+    invoke("apply", str(_config(tmp_path, shop, "Order Completed")))
+    assert invoke("failures").stdout.strip() == "no quarantined users"
+    invoke("sync")
+    archived = invoke("archive", "order_completed", "--exit-members")
+    assert archived.exit_code == 0, archived.output
+    assert "archived order_completed" in archived.stdout
+    calls = read_calls(tmp_path / "identify.ndjson")
+    assert [(c["userId"], c["traits"]["order_completed"]) for c in calls[-2:]] == [
+        ("u1", False),
+        ("u2", False),
+    ]
+    assert invoke("status").stdout.count("order_completed") == 0  # archived: not scheduled
+
+
+def test_status(state: str, shop: ShopSource, tmp_path: Path) -> None:
+    invoke("apply", str(_config(tmp_path, shop, "Order Completed")))
+    [row] = _table_rows(invoke("status").stdout, 8)
+    assert (row[0], row[1], row[2], row[4], row[7]) == (
+        "order_completed",
+        "local",
+        "every 2h",
+        "never",
+        "",
+    )
+    invoke("sync")
+    [row] = _table_rows(invoke("status").stdout, 8)
+    assert (row[3], row[4], row[7]) == ("1", "succeeded", "")
+
+    # A run in progress (started here, not finished) shows as running.
+    settings = Settings(database_url=state)
+    engine = make_engine(state)
+    service = SyncService(
+        session_factory=make_session_factory(engine),
+        settings=settings,
+        destinations=DestinationPool(http=http_options(settings)),
+    )
+    [pair] = service.select_pairs()
+    service.start_run(pair, SyncRequest())
+    engine.dispose()
+    [row] = _table_rows(invoke("status").stdout, 8)
+    assert (row[3], row[4], row[7]) == ("2", "running", "yes")
+    skipped = invoke("sync")
+    assert skipped.exit_code == 0 and "skipped" in skipped.stdout
+
+
+def test_db_upgrade(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUDIENCE_SYNC_DATABASE_URL", f"sqlite:///{tmp_path / 'new.db'}")
+    get_settings.cache_clear()
+    try:
+        first = invoke("db", "upgrade")
+        assert first.exit_code == 0 and "up to date" in first.stdout
+        assert (tmp_path / "new.db").exists()
+        assert invoke("audiences", "list").exit_code == 0
+    finally:
+        get_settings.cache_clear()

@@ -1,0 +1,174 @@
+"""Guarantee 2: a destination outage loses nothing.
+
+Connection refused, 5xx answers and read timeouts, for a whole run or from its second page
+on: the run ends `failed` with the reason after a bounded number of attempts, the synced
+state of users not delivered stays where it was, and once the fake Ortto endpoint is back
+the next run sends exactly what is still owed.
+"""
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from models import SyncedMember
+from tests.fixtures.databases import ShopSource
+from tests.fixtures.fake_destinations import FakeDestinations
+from tests.fixtures.guarantees import running_fake, sync_to_fake, wrong_values
+from worker.destinations.ortto import OrttoDestination
+from worker.payloads import AudienceRef
+from worker.runtime import Runtime, build_runtime
+from worker.service import RunSummary, SyncRequest
+
+KEY = "outage_test"
+ATTEMPTS = 3  # the test settings' max_attempts
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDestinations]:
+    with running_fake(monkeypatch) as server:
+        yield server
+
+
+@pytest.fixture
+def quick_timeouts(runtime: Runtime) -> Iterator[Runtime]:
+    """The runtime with a 0.2 s read timeout."""
+    fast = build_runtime(runtime.settings.model_copy(update={"read_timeout_seconds": 0.2}))
+    yield fast
+    fast.close()
+
+
+def _user(i: int) -> str:
+    return f"u{i:04d}"
+
+
+def _synced(runtime: Runtime) -> dict[str, bool]:
+    with runtime.sessions() as session:
+        rows = session.execute(select(SyncedMember.member_id, SyncedMember.is_member)).all()
+    return dict(rows)
+
+
+def _sync(runtime: Runtime) -> RunSummary:
+    [pair] = runtime.service.select_pairs()
+    return runtime.service.sync_pair(pair, SyncRequest())
+
+
+def _received_since(fake: FakeDestinations, count: int) -> list[tuple[str, bool]]:
+    return [(item["user_id"], item["traits"][KEY]) for item in fake.items("ortto")[count:]]
+
+
+OUTAGES: list[tuple[str, Callable[[FakeDestinations], None], int, str]] = [
+    # (what, how, requests that reach the server per failed request, in the error)
+    ("connection refused", lambda fake: fake.stop(), 0, "ConnectError"),
+    ("5xx answers", lambda fake: fake.add_fault("server_error", count=1000), ATTEMPTS, "503"),
+    (
+        "read timeouts",
+        lambda fake: fake.add_fault("delay", count=1000, seconds=0.5),
+        ATTEMPTS,
+        "ReadTimeout",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("what", "outage", "arrivals", "reason"), OUTAGES, ids=[o[0] for o in OUTAGES]
+)
+def test_a_run_during_an_outage_fails_and_the_next_sends_what_is_owed(
+    tmp_path: Path,
+    shop: ShopSource,
+    quick_timeouts: Runtime,
+    fake: FakeDestinations,
+    what: str,
+    outage: Callable[[FakeDestinations], None],
+    arrivals: int,
+    reason: str,
+) -> None:
+    runtime = quick_timeouts
+    shop.add((_user(i), None, int(i < 200), 0, 0) for i in range(300))
+    sync_to_fake(runtime, tmp_path, shop, fake, "Outage Test")
+    assert _sync(runtime).status == "succeeded"
+    shop.set_flag("a", [_user(i) for i in range(30)], 0)
+    shop.set_flag("a", [_user(i) for i in range(200, 240)], 1)
+    owed = {(_user(i), False) for i in range(30)} | {(_user(i), True) for i in range(200, 240)}
+    synced, received, requests = _synced(runtime), len(fake.items("ortto")), len(fake.arrivals())
+
+    outage(fake)
+    failed = _sync(runtime)
+    assert failed.status == "failed", failed
+    assert failed.error is not None and reason in failed.error, failed.error
+    assert f"after {ATTEMPTS} attempts" in failed.error
+    # One page, tried a bounded number of times (the fake logs a late answer when it ends).
+    deadline = time.monotonic() + 5
+    while len(fake.arrivals()) - requests < arrivals and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(fake.arrivals()) - requests == arrivals
+    assert _synced(runtime) == synced
+    assert len(fake.items("ortto")) == received
+
+    fake.reset()
+    fake.start()
+    recovered = _sync(runtime)
+    assert (recovered.status, recovered.sent) == ("succeeded", len(owed))
+    delivered = _received_since(fake, 0)
+    assert sorted(delivered) == sorted(owed)  # every owed change, once, and nothing else
+
+
+def test_an_outage_from_the_second_page_keeps_the_first(
+    tmp_path: Path,
+    shop: ShopSource,
+    runtime: Runtime,
+    fake: FakeDestinations,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    shop.add((_user(i), None, 1, 0, 0) for i in range(1200))  # three pages of 500
+    sync_to_fake(runtime, tmp_path, shop, fake, "Outage Test")
+    deliver = OrttoDestination.deliver
+
+    def first_page_then_down(
+        self: OrttoDestination, audience: AudienceRef, calls: Sequence[dict[str, Any]]
+    ) -> Any:
+        result = deliver(self, audience, calls)
+        fake.stop()
+        return result
+
+    monkeypatch.setattr(OrttoDestination, "deliver", first_page_then_down)
+    failed = _sync(runtime)
+    assert (failed.status, failed.sent) == ("failed", 500)
+    first_page = {_user(i) for i in range(500)}
+    assert _synced(runtime) == dict.fromkeys(first_page, True)
+    assert set(fake.state("ortto")[KEY]) == first_page
+
+    monkeypatch.setattr(OrttoDestination, "deliver", deliver)
+    fake.start()
+    recovered = _sync(runtime)
+    assert (recovered.status, recovered.sent) == ("succeeded", 700)
+    delivered = [item["user_id"] for item in fake.items("ortto")[500:]]
+    assert sorted(delivered) == [_user(i) for i in range(500, 1200)]
+    assert wrong_values(fake.state("ortto")[KEY], shop.members("a")) == {}
+
+
+def test_answers_lost_to_timeouts_are_sent_again(
+    tmp_path: Path,
+    shop: ShopSource,
+    quick_timeouts: Runtime,
+    fake: FakeDestinations,
+) -> None:
+    """The server applied the calls but answered too late: the run cannot know, so the
+    users are in doubt, and get their current value from the next run even if the source
+    changed its mind in between."""
+    runtime = quick_timeouts
+    shop.add((_user(i), None, int(i < 100), 0, 0) for i in range(150))
+    sync_to_fake(runtime, tmp_path, shop, fake, "Outage Test")
+    fake.add_fault("delay", count=ATTEMPTS, seconds=0.4, process=True)
+    failed = _sync(runtime)
+    assert failed.status == "failed" and failed.sent == 0
+    assert fake.state("ortto")[KEY] == dict.fromkeys(shop.members("a"), True)  # applied
+
+    shop.set_flag("a", [_user(i) for i in range(20)], 0)  # leave before being recorded
+    recovered = _sync(runtime)
+    assert recovered.status == "succeeded"
+    assert wrong_values(fake.state("ortto")[KEY], shop.members("a")) == {}
+    assert _synced(runtime) == fake.state("ortto")[KEY]
