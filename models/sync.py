@@ -58,7 +58,7 @@ class SyncRun(Base):
     exited: Mapped[int] = mapped_column(Integer, default=0)
     sent: Mapped[int] = mapped_column(Integer, default=0)
     failed: Mapped[int] = mapped_column(Integer, default=0)
-    # {"null_id": 3, "too_long": 1, "duplicate": 2}
+    # reason -> count, e.g. {"null_id": 3, "id_too_long": 1, "invalid_id": 1, "duplicate_id": 2}
     skipped_rows: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     error: Mapped[str | None] = mapped_column(Text)
     # Fan-out delivery: chunks still outstanding before the run is finalised.

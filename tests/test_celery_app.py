@@ -183,14 +183,14 @@ def test_fan_out_chord_delivers_each_chunk_then_finishes_or_abandons() -> None:
         to_enter=250,
         to_exit=0,
     )
-    chunks = chunk_ranges("enter", ["u100", "u200"])
+    chunks = chunk_ranges(["u100", "u200"])
     signature = fan_out_chord(app, FanOut(prepared, chunks))
     data = prepared_to_json(prepared)
 
     assert [(s.task, tuple(s.args)) for s in signature.tasks] == [
-        ("audience_sync.deliver_chunk", (data, "enter", None, "u100")),
-        ("audience_sync.deliver_chunk", (data, "enter", "u100", "u200")),
-        ("audience_sync.deliver_chunk", (data, "enter", "u200", None)),
+        ("audience_sync.deliver_chunk", (data, None, "u100")),
+        ("audience_sync.deliver_chunk", (data, "u100", "u200")),
+        ("audience_sync.deliver_chunk", (data, "u200", None)),
     ]
     body = signature.body
     assert (body.task, tuple(body.args)) == ("audience_sync.finish_run", (data,))

@@ -33,11 +33,11 @@ from worker.settings import Settings
         (["a", "m", "t"], [(None, "a"), ("a", "m"), ("m", "t"), ("t", None)]),
     ],
 )
-def test_chunk_ranges_cover_the_phase_once(
+def test_chunk_ranges_cover_the_changes_once(
     boundaries: list[str], expected: list[tuple[str | None, str | None]]
 ) -> None:
-    chunks = chunk_ranges("enter", boundaries)
-    assert chunks == [ChunkRange("enter", after, upto) for after, upto in expected]
+    chunks = chunk_ranges(boundaries)
+    assert chunks == [ChunkRange(after, upto) for after, upto in expected]
     # Consecutive: each chunk starts where the previous one ended, the last is open.
     assert all(a.upto == b.after for a, b in itertools.pairwise(chunks))
 
@@ -80,18 +80,18 @@ def test_chunks_delivered_in_any_order_send_each_change_once(
     service = chunked_runtime.service
     pair = _setup(tmp_path, shop, chunked_runtime, 1000)
     service.sync_pair(pair, SyncRequest())
-    # 250 leave, 120 enter: both phases fan out.
+    # 250 leave, 120 enter: 370 changes in chunks of 100.
     shop.set_flag("a", [f"u{i:05d}" for i in range(0, 1000, 4)], 0)
     shop.add((f"v{i:05d}", None, 1, 0, 0) for i in range(120))
     seen = len(read_calls(tmp_path / "identify.ndjson"))
 
     outcome = service.start_sync(pair, SyncRequest(trigger="schedule"))
     assert isinstance(outcome, FanOut)
-    assert [c.phase for c in outcome.chunks] == ["exit"] * 3 + ["enter"] * 2
+    assert len(outcome.chunks) == 4
     chunks = list(outcome.chunks)
     random.Random(3).shuffle(chunks)
     for chunk in chunks:
-        service.deliver_range(outcome.prepared, chunk.phase, after=chunk.after, upto=chunk.upto)
+        service.deliver_range(outcome.prepared, after=chunk.after, upto=chunk.upto)
     with caplog.at_level(logging.INFO, logger="audience_sync"):
         summary = service.finish_run(outcome.prepared)
         again = service.finish_run(outcome.prepared)

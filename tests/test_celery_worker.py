@@ -515,7 +515,7 @@ def test_a_crashing_chunk_fails_the_run_through_the_chord_error_callback(
     prepared = runtime.service.start_run(pair, SyncRequest())
     assert isinstance(prepared, PreparedRun)
     broken = dataclasses.replace(prepared, destination_id=prepared.destination_id + 1000)
-    chunks = [ChunkRange("enter", None, "u00014"), ChunkRange("enter", "u00014", None)]
+    chunks = [ChunkRange(None, "u00014"), ChunkRange("u00014", None)]
 
     with _worker(state_url, tmp_path, concurrency=2) as worker:
         fan_out_chord(worker.app, FanOut(broken, chunks)).apply_async()

@@ -91,6 +91,8 @@ class PreparedRun:
     # Where the time went before delivery (logged, and read by the benchmark).
     snapshot_seconds: float = 0.0
     diff_seconds: float = 0.0
+    # Whether the pair had failing users when the run started (their rows go on success).
+    has_failing_members: bool = True
 
     @property
     def scope(self) -> change_repo.PairScope:
@@ -101,9 +103,8 @@ class PreparedRun:
 
 @dataclass(frozen=True, slots=True)
 class ChunkRange:
-    """One fan-out chunk: the changes of `phase` with member_id in (after, upto]."""
+    """One fan-out chunk: the run's changes with member_id in (after, upto]."""
 
-    phase: str
     after: str | None
     upto: str | None
 
@@ -116,11 +117,11 @@ class FanOut:
     chunks: list[ChunkRange]
 
 
-def chunk_ranges(phase: str, boundaries: Sequence[str]) -> list[ChunkRange]:
-    """Cut a phase at its chunk boundaries: (None, b0], (b0, b1], ..., (b_last, None).
-    The last chunk is open-ended, so every change lands in exactly one chunk."""
+def chunk_ranges(boundaries: Sequence[str]) -> list[ChunkRange]:
+    """Cut a run's changes at their chunk boundaries: (None, b0], (b0, b1], ...,
+    (b_last, None). The last chunk is open-ended, so every change lands in exactly one."""
     edges: list[str | None] = [None, *boundaries, None]
-    return [ChunkRange(phase, edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
+    return [ChunkRange(edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
 
 
 @dataclass(slots=True)
@@ -327,18 +328,11 @@ class SyncService:
         chunk_size = self._settings.chunk_size
         if prepared.to_enter + prepared.to_exit < chunk_size:
             return self.deliver_run(prepared)
-        chunks: list[ChunkRange] = []
         with self._uow() as session:
-            for phase, count in (
-                (change_repo.EXIT, prepared.to_exit),
-                (change_repo.ENTER, prepared.to_enter),
-            ):
-                if count:
-                    boundaries = change_repo.chunk_boundaries(
-                        session, prepared.scope, phase, chunk_size=chunk_size
-                    )
-                    chunks.extend(chunk_ranges(phase, boundaries))
-        return FanOut(prepared, chunks)
+            boundaries = change_repo.chunk_boundaries(
+                session, prepared.run_id, chunk_size=chunk_size
+            )
+        return FanOut(prepared, chunk_ranges(boundaries))
 
     def deliver_run(self, prepared: PreparedRun) -> RunSummary:
         """Deliver every change of a prepared run in this process, then close the run."""
@@ -348,8 +342,7 @@ class SyncService:
             prepared.to_enter + prepared.to_exit,
         )
         try:
-            for phase in change_repo.PHASES:
-                self.deliver_range(prepared, phase, after=None, upto=None, progress=progress)
+            self.deliver_range(prepared, after=None, upto=None, progress=progress)
         except DestinationError as exc:
             return self.fail_run(prepared, str(exc))
         finally:
@@ -436,8 +429,9 @@ class SyncService:
 
         with self._uow() as session:
             scope = change_repo.PairScope(ref.id, destination_id, snapshot_id, request.is_full)
-            to_enter, to_exit = change_repo.count_changes(session, scope)
+            to_enter, to_exit = change_repo.plan_run_changes(session, scope, run_id)
             diff_finished = time.monotonic()
+            has_failing = run_repo.has_failing_members(session, ref.id, destination_id)
             entered = (
                 change_repo.count_newly_entered(session, scope) if request.is_full else to_enter
             )
@@ -469,6 +463,7 @@ class SyncService:
                 )
             )
             if block or request.is_dry_run:
+                change_repo.drop_changes(session, run_id)
                 snapshot_repo.delete_snapshot(session, snapshot_id)
                 run_repo.update_run(session, run_id, snapshot_id=None)
         if block:
@@ -480,9 +475,6 @@ class SyncService:
             client = self._client(destination_name, destination_settings)
             field_id = client.prepare(ref)
         except (DestinationError, ConfigError) as exc:
-            with self._uow() as session:
-                # Nothing was sent: no change of this run is in doubt (see settle_stopped_runs).
-                run_repo.update_run(session, run_id, snapshot_id=None)
             return end(run_repo.FAILED, str(exc))
         if field_id != ref.field_id:
             with self._uow() as session:
@@ -502,6 +494,7 @@ class SyncService:
             to_exit=to_exit,
             snapshot_seconds=diff_started - snapshot_started,
             diff_seconds=diff_finished - diff_started,
+            has_failing_members=has_failing,
         )
 
     def _take_snapshot(
@@ -546,14 +539,14 @@ class SyncService:
     def deliver_range(
         self,
         prepared: PreparedRun,
-        phase: str,
         *,
         after: str | None,
         upto: str | None,
         progress: Progress | None = None,
     ) -> None:
-        """Deliver one phase's changes with member_id in (after, upto], page by page. Each
-        page's results and the synced state it moves are committed together."""
+        """Deliver the run's changes with member_id in (after, upto], page by page. A page is
+        marked in flight before it is sent; its results, the synced state they move and the
+        page's removal from the run's changes are committed together."""
         client = self._client_for_run(prepared)
         page_size = client.max_batch_items
         ttl = timedelta(seconds=self._settings.lock_ttl_seconds)
@@ -565,8 +558,11 @@ class SyncService:
                 if not audience_repo.holds_lock(session, prepared.pair_id, prepared.lock_owner):
                     raise DestinationError("the run lost its lock (it was idle past the lock TTL)")
                 page = change_repo.page_of_changes(
-                    session, prepared.scope, phase, after=cursor, upto=upto, limit=page_size
+                    session, prepared.run_id, after=cursor, upto=upto, limit=page_size
                 )
+                if page:
+                    first, last = page[0].member_id, page[-1].member_id
+                    change_repo.mark_in_flight(session, prepared.run_id, first, last)
             if not page:
                 return
             now = self._clock()
@@ -589,6 +585,7 @@ class SyncService:
                     run_id=prepared.run_id,
                     changes=accepted,
                     now=now,
+                    has_failing_members=prepared.has_failing_members,
                 )
                 run_repo.record_rejected(
                     session,
@@ -599,6 +596,7 @@ class SyncService:
                     quarantine_after=self._settings.quarantine_after,
                     now=now,
                 )
+                change_repo.drop_changes(session, prepared.run_id, first, last)
                 run_repo.add_to_counters(
                     session, prepared.run_id, sent=len(accepted), failed=len(rejected)
                 )
@@ -609,7 +607,7 @@ class SyncService:
             crash_point(self._settings, "page_recorded")
             if progress is not None:
                 progress.advance(len(page))
-            cursor = page[-1].member_id
+            cursor = last
 
     def finish_run(self, prepared: PreparedRun) -> RunSummary:
         """Close a run whose delivery is complete: succeeded, or partial with failures."""
@@ -623,6 +621,8 @@ class SyncService:
                 else None
             )
             change_repo.forget_moot_failures(session, prepared.scope)
+            if run.sent >= run_repo.ANALYZE_AFTER_SENT:
+                run_repo.refresh_statistics(session)
             protect = {prepared.snapshot_id}
             snapshot_repo.prune_snapshots(
                 session,
@@ -655,6 +655,7 @@ class SyncService:
             # over as interrupted) keeps the first outcome and touches no lock.
             is_closing = current is not None and current.status == run_repo.RUNNING
             if is_closing:
+                # Changes a failed run leaves behind are settled by the pair's next run.
                 run_repo.update_run(session, run_id, status=status, error=error, finished_at=now)
                 audience_repo.release_lock(session, pair_id, owner)
             run = run_repo.get_run(session, run_id)
@@ -829,7 +830,7 @@ class SyncService:
             snapshot_id = snapshot_repo.create_snapshot(session, audience.id, now=now)
             ref = AudienceRef(audience.id, audience.key, audience.name, pair.external_field_id)
             scope = change_repo.PairScope(audience.id, destination.id, snapshot_id)
-            _, to_exit = change_repo.count_changes(session, scope)
+            _, to_exit = change_repo.plan_run_changes(session, scope, run.id)
             run_repo.update_run(session, run.id, snapshot_id=snapshot_id, exited=to_exit)
             prepared = PreparedRun(
                 run_id=run.id,
@@ -844,7 +845,7 @@ class SyncService:
                 to_exit=to_exit,
             )
         try:
-            self.deliver_range(prepared, change_repo.EXIT, after=None, upto=None)
+            self.deliver_range(prepared, after=None, upto=None)
         except DestinationError as exc:
             return self.fail_run(prepared, str(exc))
         return self.finish_run(prepared)
@@ -853,19 +854,10 @@ class SyncService:
 def settle_stopped_runs(
     session: Session, audience_id: int, destination_id: int, *, now: datetime
 ) -> None:
-    """Before a pair's next run: whatever a failed run may have sent without recording it
-    becomes in doubt, so this run re-sends those users their current value (a user the dead
-    run told `true` and who left since still gets `false`). Call with the pair lock held."""
-    for run_id, snapshot_id, is_kept in run_repo.runs_to_settle(
-        session, audience_id, destination_id
-    ):
-        if is_kept:
-            change_repo.mark_in_doubt(
-                session, audience_id, destination_id, snapshot_id, run_id=run_id, now=now
-            )
-        else:  # pruned before this release protected it: what the run did is not known
-            logger.warning("run %s failed and its snapshot is gone; nothing to re-send", run_id)
-        run_repo.update_run(session, run_id, snapshot_id=None)
+    """Before a pair's next run: settle the runs that died with changes left (see
+    `changes.settle_run`). Call with the pair lock held, after closing interrupted runs."""
+    for run_id in change_repo.runs_with_changes(session, audience_id, destination_id):
+        change_repo.settle_run(session, run_id, audience_id, destination_id, now=now)
 
 
 def mass_exit_reason(

@@ -200,7 +200,7 @@ def fan_out_chord(celery_app: Celery, outcome: FanOut) -> Signature[Any]:
     prepared = prepared_to_json(outcome.prepared)
     header = [
         celery_app.signature(
-            "audience_sync.deliver_chunk", args=(prepared, chunk.phase, chunk.after, chunk.upto)
+            "audience_sync.deliver_chunk", args=(prepared, chunk.after, chunk.upto)
         )
         for chunk in outcome.chunks
     ]
@@ -222,14 +222,13 @@ def fan_out_chord(celery_app: Celery, outcome: FanOut) -> Signature[Any]:
 def deliver_chunk(
     self: Task[Any, Any],
     prepared: dict[str, Any],
-    phase: str,
     after: str | None,
     upto: str | None,
 ) -> dict[str, Any]:
     """Deliver one chunk of a fanned-out run; return `{"error": None}` or why it failed."""
     service, settings = runtime().service, runtime().settings
     try:
-        service.deliver_range(prepared_from_json(prepared), phase, after=after, upto=upto)
+        service.deliver_range(prepared_from_json(prepared), after=after, upto=upto)
     except TransientDestinationError as exc:
         if self.request.retries < settings.task_retries:
             # Only what was not accepted is left in the chunk, so the retry resumes. The wait

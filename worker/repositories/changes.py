@@ -1,24 +1,31 @@
 """The diff: set-based anti-joins between a snapshot and a destination's synced state.
 
-Changes are read page by page in member_id order (keyset pagination), so neither side is
-ever loaded whole into Python and a page's writes never disturb the pages after it.
+When a run starts, its change set is computed once, in SQL, into `run_changes`; delivery
+then reads it page by page in member_id order (keyset pagination), so neither side is ever
+loaded whole into Python, a page costs the same however large the audience, and parallel
+workers can take disjoint member_id ranges of one run.
 """
 
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, exists, false, func, literal, null, or_, select, text, true
+from sqlalchemy import and_, delete, exists, false, func, literal, or_, select, true, update
 from sqlalchemy.orm import Session
 
-from models import FailingMember, SnapshotMember, SyncedMember
-from models.base import UTCDateTime
+from models import FailingMember, RunChange, SnapshotMember, SyncedMember, SyncRun
 from worker.payloads import Change
 from worker.repositories.dialect import insert_for
 
-ENTER = "enter"  # `true` for members (every member in a full sync)
-EXIT = "exit"  # `false` for users the destination holds as members who left
-PHASES = (EXIT, ENTER)
+_CHANGE_COLUMNS = [
+    "run_id",
+    "member_id",
+    "is_anonymous",
+    "email",
+    "value",
+    "previous_run_id",
+    "is_in_flight",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +34,6 @@ class PairScope:
     destination_id: int
     snapshot_id: int
     is_full: bool = False
-    include_quarantined: bool = False
 
 
 def _synced_join(scope: PairScope) -> Any:
@@ -39,8 +45,6 @@ def _synced_join(scope: PairScope) -> Any:
 
 
 def _not_quarantined(scope: PairScope, member_id: Any) -> Any:
-    if scope.include_quarantined:
-        return true()
     return ~exists().where(
         FailingMember.audience_id == scope.audience_id,
         FailingMember.destination_id == scope.destination_id,
@@ -60,6 +64,8 @@ def _is_failing(scope: PairScope, member_id: Any) -> Any:
 
 
 def _enter_select(scope: PairScope, *columns: Any) -> Any:
+    """Members to send `true`: not yet `true` at the destination (every member in a full
+    sync), or in doubt."""
     query = (
         select(*columns)
         .select_from(SnapshotMember)
@@ -79,6 +85,7 @@ def _enter_select(scope: PairScope, *columns: Any) -> Any:
 
 
 def _exit_select(scope: PairScope, *columns: Any) -> Any:
+    """Users to send `false`: held as members (or in doubt) and no longer in the snapshot."""
     in_snapshot = exists().where(
         SnapshotMember.snapshot_id == scope.snapshot_id,
         SnapshotMember.member_id == SyncedMember.member_id,
@@ -95,82 +102,162 @@ def _exit_select(scope: PairScope, *columns: Any) -> Any:
     )
 
 
-def count_changes(session: Session, scope: PairScope) -> tuple[int, int]:
-    """(users to send `true`, users to send `false`)."""
-    enter = session.scalar(_enter_select(scope, func.count())) or 0
-    leave = session.scalar(_exit_select(scope, func.count())) or 0
-    return enter, leave
+def plan_run_changes(session: Session, scope: PairScope, run_id: int) -> tuple[int, int]:
+    """Write the run's change set (one INSERT ... SELECT per direction); return
+    (users to send `true`, users to send `false`)."""
+    run = literal(run_id)
+    enter = _enter_select(
+        scope,
+        run,
+        SnapshotMember.member_id,
+        SnapshotMember.is_anonymous,
+        SnapshotMember.email,
+        true(),
+        SyncedMember.run_id,
+        false(),
+    )
+    leave = _exit_select(
+        scope,
+        run,
+        SyncedMember.member_id,
+        SyncedMember.is_anonymous,
+        SyncedMember.email,
+        false(),
+        SyncedMember.run_id,
+        false(),
+    )
+    table = RunChange.__table__
+    for query in (leave, enter):
+        session.execute(table.insert().from_select(_CHANGE_COLUMNS, query))  # type: ignore[attr-defined]
+    counts = dict(
+        session.execute(
+            select(RunChange.value, func.count())
+            .where(RunChange.run_id == run_id)
+            .group_by(RunChange.value)
+        ).all()
+    )
+    return counts.get(True, 0), counts.get(False, 0)
 
 
-def mark_in_doubt(
-    session: Session,
-    audience_id: int,
-    destination_id: int,
-    snapshot_id: int,
-    *,
-    run_id: int,
-    now: datetime,
+def page_of_changes(
+    session: Session, run_id: int, *, after: str | None, upto: str | None, limit: int
+) -> list[Change]:
+    """The run's next `limit` undelivered changes with member_id in (after, upto], in order."""
+    query = select(
+        RunChange.member_id,
+        RunChange.is_anonymous,
+        RunChange.email,
+        RunChange.value,
+        RunChange.previous_run_id,
+    ).where(RunChange.run_id == run_id)
+    if after is not None:
+        query = query.where(RunChange.member_id > after)
+    if upto is not None:
+        query = query.where(RunChange.member_id <= upto)
+    rows = session.execute(query.order_by(RunChange.member_id).limit(limit)).all()
+    return [Change(r[0], bool(r[1]), r[2], bool(r[3]), r[4]) for r in rows]
+
+
+def _in_range(run_id: int, first: str | None, last: str | None) -> list[Any]:
+    conditions = [RunChange.run_id == run_id]
+    if first is not None:
+        conditions.append(RunChange.member_id >= first)
+    if last is not None:
+        conditions.append(RunChange.member_id <= last)
+    return conditions
+
+
+def mark_in_flight(session: Session, run_id: int, first: str, last: str) -> None:
+    """Note that a page is about to be sent: from here until it is recorded, a crash leaves
+    its users in doubt."""
+    session.execute(
+        update(RunChange)
+        .where(*_in_range(run_id, first, last))
+        .values(is_in_flight=True)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def drop_changes(
+    session: Session, run_id: int, first: str | None = None, last: str | None = None
 ) -> None:
-    """Record what a run that stopped while delivering (killed, or failed mid-request) may
-    have told the destination without recording it: any change of its snapshot.
+    """Forget the run's changes in [first, last] (all of them without bounds)."""
+    session.execute(delete(RunChange).where(*_in_range(run_id, first, last)))
 
-    Each such user gets a failing row (kept if one exists), so later runs send the user's
-    current value even where the synced state already agrees with the source; a member the
-    run may have told `true` first also gets a synced row (`false`), so that an exit can
-    reach the user if the source drops them before that.
-    """
-    is_postgres = session.get_bind().dialect.name == "postgresql"
-    if is_postgres:
-        # The dead run wrote these without the statistics catching up: without fresh ones
-        # the planner takes the tables for empty and the anti-joins below turn quadratic.
-        session.execute(text("ANALYZE synced_members, snapshot_members"))
-    scope = PairScope(audience_id, destination_id, snapshot_id, include_quarantined=True)
-    message = f"in doubt: run {run_id} stopped before recording the destination's answer"
-    failing = insert_for(session, FailingMember.__table__)  # type: ignore[arg-type]
-    failing_columns = [
-        "audience_id",
-        "destination_id",
-        "member_id",
-        "consecutive_failures",
-        "is_quarantined",
-        "last_value",
-        "last_status",
-        "last_message",
-        "last_run_id",
-        "updated_at",
-    ]
-    for select_changes, member_id, value in (
-        (_enter_select, SnapshotMember.member_id, True),
-        (_exit_select, SyncedMember.member_id, False),
-    ):
-        rows = select_changes(
-            scope,
-            literal(audience_id),
-            literal(destination_id),
-            member_id,
-            literal(0),
-            false(),
-            literal(value),
-            null(),
-            literal(message),
-            literal(run_id),
-            literal(now, UTCDateTime()),
-        )
-        session.execute(failing.from_select(failing_columns, rows).on_conflict_do_nothing())
-    never_told = (
+
+def chunk_boundaries(session: Session, run_id: int, *, chunk_size: int) -> list[str]:
+    """Member ids that cut the run's changes into chunks of `chunk_size` (for fan-out):
+    chunk i covers (boundary[i-1], boundary[i]]; the last chunk is open-ended."""
+    numbered = (
         select(
-            literal(audience_id),
-            literal(destination_id),
-            SnapshotMember.member_id,
-            SnapshotMember.is_anonymous,
-            false(),
-            SnapshotMember.email,
-            literal(now, UTCDateTime()),
-            null(),
+            RunChange.member_id,
+            func.row_number().over(order_by=RunChange.member_id).label("n"),
         )
-        .select_from(SnapshotMember)
-        .outerjoin(SyncedMember, _synced_join(scope))
-        .where(SnapshotMember.snapshot_id == snapshot_id, SyncedMember.member_id.is_(None))
+        .where(RunChange.run_id == run_id)
+        .subquery()
+    )
+    return list(
+        session.scalars(
+            select(numbered.c.member_id)
+            .where(numbered.c.n % chunk_size == 0)
+            .order_by(numbered.c.member_id)
+        )
+    )
+
+
+def runs_with_changes(session: Session, audience_id: int, destination_id: int) -> list[int]:
+    """Runs of the pair that left changes behind (they stopped before delivering them all)."""
+    return list(
+        session.scalars(
+            select(SyncRun.id)
+            .where(
+                SyncRun.audience_id == audience_id,
+                SyncRun.destination_id == destination_id,
+                exists().where(RunChange.run_id == SyncRun.id),
+            )
+            .order_by(SyncRun.id)
+        )
+    )
+
+
+def settle_run(
+    session: Session, run_id: int, audience_id: int, destination_id: int, *, now: datetime
+) -> None:
+    """Close the books of a run that stopped: its pages in flight may have reached the
+    destination unrecorded, so their users become in doubt (a failing row, which makes later
+    runs send them their current value; a member told `true` for the first time also gets a
+    synced row, `false`, so that an exit reaches them if the source drops them first).
+    Then the run's changes are forgotten: the next run computes its own."""
+    message = f"in doubt: run {run_id} stopped before recording the destination's answer"
+    in_flight = and_(RunChange.run_id == run_id, RunChange.is_in_flight.is_(True))
+    failing = insert_for(session, FailingMember.__table__)  # type: ignore[arg-type]
+    session.execute(
+        failing.from_select(
+            [
+                "audience_id",
+                "destination_id",
+                "member_id",
+                "consecutive_failures",
+                "is_quarantined",
+                "last_value",
+                "last_status",
+                "last_message",
+                "last_run_id",
+                "updated_at",
+            ],
+            select(
+                literal(audience_id),
+                literal(destination_id),
+                RunChange.member_id,
+                literal(0),
+                false(),
+                RunChange.value,
+                literal(None),
+                literal(message),
+                literal(run_id),
+                literal(now, FailingMember.updated_at.type),
+            ).where(in_flight),
+        ).on_conflict_do_nothing()
     )
     synced = insert_for(session, SyncedMember.__table__)  # type: ignore[arg-type]
     session.execute(
@@ -185,11 +272,19 @@ def mark_in_doubt(
                 "updated_at",
                 "run_id",
             ],
-            never_told,
+            select(
+                literal(audience_id),
+                literal(destination_id),
+                RunChange.member_id,
+                RunChange.is_anonymous,
+                false(),
+                RunChange.email,
+                literal(now, SyncedMember.updated_at.type),
+                literal(None),
+            ).where(in_flight, RunChange.value.is_(True)),
         ).on_conflict_do_nothing()
     )
-    if is_postgres:
-        session.execute(text("ANALYZE failing_members, synced_members"))
+    drop_changes(session, run_id)
 
 
 def forget_moot_failures(session: Session, scope: PairScope) -> None:
@@ -221,9 +316,7 @@ def count_member_exits(session: Session, scope: PairScope) -> int:
 
 def count_newly_entered(session: Session, scope: PairScope) -> int:
     """Members not yet `true` at the destination (what a full sync would also count)."""
-    narrowed = PairScope(
-        scope.audience_id, scope.destination_id, scope.snapshot_id, False, scope.include_quarantined
-    )
+    narrowed = PairScope(scope.audience_id, scope.destination_id, scope.snapshot_id, False)
     return session.scalar(_enter_select(narrowed, func.count())) or 0
 
 
@@ -252,63 +345,5 @@ def has_synced_state(session: Session, audience_id: int, destination_id: int) ->
                 SyncedMember.destination_id == destination_id,
             )
             .limit(1)
-        )
-    )
-
-
-def page_of_changes(
-    session: Session,
-    scope: PairScope,
-    phase: str,
-    *,
-    after: str | None,
-    upto: str | None,
-    limit: int,
-) -> list[Change]:
-    """The next `limit` changes of a phase with member_id in (after, upto], in order."""
-    if phase == ENTER:
-        key = SnapshotMember.member_id
-        query = _enter_select(
-            scope,
-            SnapshotMember.member_id,
-            SnapshotMember.is_anonymous,
-            SnapshotMember.email,
-            SyncedMember.run_id,
-        )
-    else:
-        key = SyncedMember.member_id
-        query = _exit_select(
-            scope,
-            SyncedMember.member_id,
-            SyncedMember.is_anonymous,
-            SyncedMember.email,
-            SyncedMember.run_id,
-        )
-    if after is not None:
-        query = query.where(key > after)
-    if upto is not None:
-        query = query.where(key <= upto)
-    rows = session.execute(query.order_by(key).limit(limit)).all()
-    value = phase == ENTER
-    return [Change(r[0], bool(r[1]), r[2], value, r[3]) for r in rows]
-
-
-def chunk_boundaries(
-    session: Session, scope: PairScope, phase: str, *, chunk_size: int
-) -> list[str]:
-    """Member ids that cut a phase's changes into chunks of `chunk_size` (for fan-out):
-    chunk i covers (boundary[i-1], boundary[i]]; the last chunk is open-ended."""
-    if phase == ENTER:
-        key = SnapshotMember.member_id
-        inner = _enter_select(scope, key.label("member_id"))
-    else:
-        key = SyncedMember.member_id
-        inner = _exit_select(scope, key.label("member_id"))
-    numbered = inner.add_columns(func.row_number().over(order_by=key).label("n")).subquery()
-    return list(
-        session.scalars(
-            select(numbered.c.member_id)
-            .where(numbered.c.n % chunk_size == 0)
-            .order_by(numbered.c.member_id)
         )
     )

@@ -4,7 +4,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, exists, func, select, text, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from models import (
@@ -12,7 +12,6 @@ from models import (
     DeliveryFailure,
     Destination,
     FailingMember,
-    Snapshot,
     SyncedMember,
     SyncRun,
 )
@@ -26,6 +25,8 @@ FAILED = "failed"
 SKIPPED = "skipped"
 BLOCKED = "blocked"
 FINAL_STATUSES = (SUCCEEDED, PARTIAL, FAILED, SKIPPED, BLOCKED)
+# A run that moved this many users refreshes the planner's statistics of the synced state.
+ANALYZE_AFTER_SENT = 10_000
 INTERRUPTED = "interrupted: the process running this sync stopped before it finished"
 
 
@@ -78,25 +79,6 @@ def close_interrupted_runs(
         .execution_options(synchronize_session=False)
     )
     return int(result.rowcount)  # type: ignore[attr-defined]
-
-
-def runs_to_settle(
-    session: Session, audience_id: int, destination_id: int
-) -> list[tuple[int, int, bool]]:
-    """(run id, snapshot id, whether the snapshot still exists) of the pair's failed runs
-    whose changes may have been sent but not recorded (nobody settled them yet)."""
-    is_kept = exists().where(Snapshot.id == SyncRun.snapshot_id)
-    rows = session.execute(
-        select(SyncRun.id, SyncRun.snapshot_id, is_kept)
-        .where(
-            SyncRun.audience_id == audience_id,
-            SyncRun.destination_id == destination_id,
-            SyncRun.status == FAILED,
-            SyncRun.snapshot_id.is_not(None),
-        )
-        .order_by(SyncRun.id)
-    ).all()
-    return [(run_id, snapshot_id, bool(kept)) for run_id, snapshot_id, kept in rows if snapshot_id]
 
 
 def running_run_id(session: Session, audience_id: int, destination_id: int) -> int | None:
@@ -191,8 +173,10 @@ def record_accepted(
     run_id: int,
     changes: Sequence[Change],
     now: datetime,
+    has_failing_members: bool = True,
 ) -> None:
-    """Advance the synced state of accepted users (one bulk upsert) and clear their failures."""
+    """Advance the synced state of accepted users (one bulk upsert) and clear their failures
+    (skipped when the pair had none when the run started)."""
     if not changes:
         return
     if session.get_bind().dialect.name == "postgresql":
@@ -249,13 +233,14 @@ def record_accepted(
                 for change in changes
             ],
         )
-    session.execute(
-        delete(FailingMember).where(
-            FailingMember.audience_id == audience_id,
-            FailingMember.destination_id == destination_id,
-            FailingMember.member_id.in_([change.member_id for change in changes]),
+    if has_failing_members:
+        session.execute(
+            delete(FailingMember).where(
+                FailingMember.audience_id == audience_id,
+                FailingMember.destination_id == destination_id,
+                FailingMember.member_id.in_([change.member_id for change in changes]),
+            )
         )
-    )
 
 
 def record_rejected(
@@ -351,16 +336,35 @@ def release_quarantine(session: Session, audience_id: int, destination_id: int) 
 
 
 def snapshots_in_use(session: Session, audience_id: int) -> set[int]:
-    """Snapshots that running syncs of the audience still read, or that failed runs still
-    to settle hold (never pruned)."""
+    """Snapshots that running syncs of the audience still read (never pruned)."""
     return {
         snapshot_id
         for snapshot_id in session.scalars(
             select(SyncRun.snapshot_id).where(
                 SyncRun.audience_id == audience_id,
-                SyncRun.status.in_((RUNNING, FAILED)),
+                SyncRun.status == RUNNING,
                 SyncRun.snapshot_id.is_not(None),
             )
         )
         if snapshot_id is not None
     }
+
+
+def has_failing_members(session: Session, audience_id: int, destination_id: int) -> bool:
+    return (
+        session.scalar(
+            select(FailingMember.member_id)
+            .where(
+                FailingMember.audience_id == audience_id,
+                FailingMember.destination_id == destination_id,
+            )
+            .limit(1)
+        )
+        is not None
+    )
+
+
+def refresh_statistics(session: Session) -> None:
+    """After a large run on PostgreSQL: fresh statistics keep the next diff's plan right."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("ANALYZE synced_members"))
