@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, exists, false, func, literal, or_, select, true, update
+from sqlalchemy import and_, delete, exists, false, func, literal, select, text, true, update
 from sqlalchemy.orm import Session
 
 from models import FailingMember, RunChange, SnapshotMember, SyncedMember, SyncRun
@@ -36,88 +36,59 @@ class PairScope:
     is_full: bool = False
 
 
-def _synced_join(scope: PairScope) -> Any:
+def _pair(scope: PairScope, table: Any) -> Any:
     return and_(
-        SyncedMember.audience_id == scope.audience_id,
-        SyncedMember.destination_id == scope.destination_id,
-        SyncedMember.member_id == SnapshotMember.member_id,
+        table.audience_id == scope.audience_id, table.destination_id == scope.destination_id
     )
 
 
-def _not_quarantined(scope: PairScope, member_id: Any) -> Any:
-    return ~exists().where(
-        FailingMember.audience_id == scope.audience_id,
-        FailingMember.destination_id == scope.destination_id,
-        FailingMember.member_id == member_id,
-        FailingMember.is_quarantined.is_(True),
-    )
-
-
-def _is_failing(scope: PairScope, member_id: Any) -> Any:
-    """The user's last call was rejected, or a run that stopped may have sent it one it never
-    recorded: the destination's value is not known, so the user gets its current value."""
+def _failing(scope: PairScope, member_id: Any, *, is_quarantined: bool) -> Any:
+    """A failing row for the user: its last call was rejected, or a run that stopped may
+    have sent it one it never recorded. The destination's value is then not known, so the
+    user gets its current value; quarantined users get nothing until released."""
     return exists().where(
-        FailingMember.audience_id == scope.audience_id,
-        FailingMember.destination_id == scope.destination_id,
+        _pair(scope, FailingMember),
         FailingMember.member_id == member_id,
+        FailingMember.is_quarantined.is_(is_quarantined),
     )
 
 
-def _enter_select(scope: PairScope, *columns: Any) -> Any:
-    """Members to send `true`: not yet `true` at the destination (every member in a full
-    sync), or in doubt."""
-    query = (
-        select(*columns)
-        .select_from(SnapshotMember)
-        .outerjoin(SyncedMember, _synced_join(scope))
-        .where(SnapshotMember.snapshot_id == scope.snapshot_id)
-        .where(_not_quarantined(scope, SnapshotMember.member_id))
-    )
-    if not scope.is_full:
-        query = query.where(
-            or_(
-                SyncedMember.is_member.is_(None),
-                SyncedMember.is_member == false(),
-                _is_failing(scope, SnapshotMember.member_id),
-            )
-        )
-    return query
-
-
-def _exit_select(scope: PairScope, *columns: Any) -> Any:
-    """Users to send `false`: held as members (or in doubt) and no longer in the snapshot."""
-    in_snapshot = exists().where(
-        SnapshotMember.snapshot_id == scope.snapshot_id,
-        SnapshotMember.member_id == SyncedMember.member_id,
-    )
-    return (
-        select(*columns)
-        .where(
-            SyncedMember.audience_id == scope.audience_id,
-            SyncedMember.destination_id == scope.destination_id,
-            or_(SyncedMember.is_member.is_(True), _is_failing(scope, SyncedMember.member_id)),
-            ~in_snapshot,
-        )
-        .where(_not_quarantined(scope, SyncedMember.member_id))
+def _in_snapshot(scope: PairScope, member_id: Any) -> Any:
+    return exists().where(
+        SnapshotMember.snapshot_id == scope.snapshot_id, SnapshotMember.member_id == member_id
     )
 
 
-def plan_run_changes(session: Session, scope: PairScope, run_id: int) -> tuple[int, int]:
-    """Write the run's change set (one INSERT ... SELECT per direction); return
-    (users to send `true`, users to send `false`)."""
+def _held_as_member(scope: PairScope, member_id: Any) -> Any:
+    return exists().where(
+        _pair(scope, SyncedMember),
+        SyncedMember.member_id == member_id,
+        SyncedMember.is_member.is_(True),
+    )
+
+
+def _change_selects(scope: PairScope, run_id: int) -> list[Any]:
+    """The run's changes as run_changes rows, in up to four selects. Each is a plain join or
+    anti-join (every NOT EXISTS stands alone in the WHERE clause), so the database plans
+    them as hash anti-joins over the whole audience."""
     run = literal(run_id)
-    enter = _enter_select(
-        scope,
+    previous_run = (
+        select(SyncedMember.run_id)
+        .where(_pair(scope, SyncedMember), SyncedMember.member_id == SnapshotMember.member_id)
+        .scalar_subquery()
+    )
+    not_quarantined_member = ~_failing(scope, SnapshotMember.member_id, is_quarantined=True)
+    not_quarantined_synced = ~_failing(scope, SyncedMember.member_id, is_quarantined=True)
+    enter = select(
         run,
         SnapshotMember.member_id,
         SnapshotMember.is_anonymous,
         SnapshotMember.email,
         true(),
-        SyncedMember.run_id,
+        previous_run,
         false(),
-    )
-    leave = _exit_select(
-        scope,
+    ).where(SnapshotMember.snapshot_id == scope.snapshot_id, not_quarantined_member)
+    synced_columns = (
         run,
         SyncedMember.member_id,
         SyncedMember.is_anonymous,
@@ -126,8 +97,53 @@ def plan_run_changes(session: Session, scope: PairScope, run_id: int) -> tuple[i
         SyncedMember.run_id,
         false(),
     )
+    leave = select(*synced_columns).where(
+        _pair(scope, SyncedMember),
+        SyncedMember.is_member.is_(True),
+        ~_in_snapshot(scope, SyncedMember.member_id),
+        not_quarantined_synced,
+    )
+    # Users in doubt whose synced state already agrees with the source get it again.
+    leave_in_doubt = select(*synced_columns).where(
+        _pair(scope, SyncedMember),
+        SyncedMember.is_member.is_(False),
+        _failing(scope, SyncedMember.member_id, is_quarantined=False),
+        ~_in_snapshot(scope, SyncedMember.member_id),
+    )
+    if scope.is_full:
+        return [enter, leave, leave_in_doubt]
+    enter_in_doubt = (
+        select(
+            run,
+            SnapshotMember.member_id,
+            SnapshotMember.is_anonymous,
+            SnapshotMember.email,
+            true(),
+            SyncedMember.run_id,
+            false(),
+        )
+        .join(
+            SyncedMember,
+            and_(_pair(scope, SyncedMember), SyncedMember.member_id == SnapshotMember.member_id),
+        )
+        .where(
+            SnapshotMember.snapshot_id == scope.snapshot_id,
+            SyncedMember.is_member.is_(True),
+            _failing(scope, SnapshotMember.member_id, is_quarantined=False),
+        )
+    )
+    enter_new = enter.where(~_held_as_member(scope, SnapshotMember.member_id))
+    return [enter_new, enter_in_doubt, leave, leave_in_doubt]
+
+
+def plan_run_changes(session: Session, scope: PairScope, run_id: int) -> tuple[int, int]:
+    """Write the run's change set into run_changes; return (users to send `true`, users to
+    send `false`)."""
+    if session.get_bind().dialect.name == "postgresql":
+        # Set-based statements over the whole audience: compiling them costs more than it saves.
+        session.execute(text("SET LOCAL jit = off"))
     table = RunChange.__table__
-    for query in (leave, enter):
+    for query in _change_selects(scope, run_id):
         session.execute(table.insert().from_select(_CHANGE_COLUMNS, query))  # type: ignore[attr-defined]
     counts = dict(
         session.execute(
@@ -310,14 +326,23 @@ def forget_moot_failures(session: Session, scope: PairScope) -> None:
 
 def count_member_exits(session: Session, scope: PairScope) -> int:
     """Users to send `false` whom the destination holds as members (users in doubt aside)."""
-    query = _exit_select(scope, func.count()).where(SyncedMember.is_member.is_(True))
+    query = select(func.count()).where(
+        _pair(scope, SyncedMember),
+        SyncedMember.is_member.is_(True),
+        ~_in_snapshot(scope, SyncedMember.member_id),
+        ~_failing(scope, SyncedMember.member_id, is_quarantined=True),
+    )
     return session.scalar(query) or 0
 
 
 def count_newly_entered(session: Session, scope: PairScope) -> int:
     """Members not yet `true` at the destination (what a full sync would also count)."""
-    narrowed = PairScope(scope.audience_id, scope.destination_id, scope.snapshot_id, False)
-    return session.scalar(_enter_select(narrowed, func.count())) or 0
+    query = select(func.count()).where(
+        SnapshotMember.snapshot_id == scope.snapshot_id,
+        ~_held_as_member(scope, SnapshotMember.member_id),
+        ~_failing(scope, SnapshotMember.member_id, is_quarantined=True),
+    )
+    return session.scalar(query) or 0
 
 
 def count_synced_members(session: Session, audience_id: int, destination_id: int) -> int:
