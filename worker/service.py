@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import Audience, AudienceDestination, Destination, Source, SyncRun
@@ -179,6 +181,44 @@ def crash_point(settings: Settings, step: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+class LockHeartbeat:
+    """Keeps a run's lock alive from a background thread while the run waits on something
+    slow (a long source query, a destination's retries and 429 pauses), so a live run never
+    looks dead to the next one. A killed process stops beating and its lock expires."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        pair_id: int,
+        owner: str,
+        *,
+        ttl: timedelta,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._sessions, self._pair_id, self._owner = sessions, pair_id, owner
+        self._ttl, self._clock = ttl, clock
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="lock-heartbeat", daemon=True)
+
+    def __enter__(self) -> "LockHeartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self._ttl.total_seconds() / 3):
+            try:
+                with unit_of_work(self._sessions) as session:
+                    audience_repo.extend_lock(
+                        session, self._pair_id, self._owner, now=self._clock(), ttl=self._ttl
+                    )
+            except SQLAlchemyError as exc:  # the next beat tries again; the run goes on
+                logger.warning("could not extend the lock of pair %s: %s", self._pair_id, exc)
+
+
 class SyncService:
     def __init__(
         self,
@@ -194,6 +234,10 @@ class SyncService:
         self._destinations = destinations
         self._clock = clock
         self._progress = progress
+
+    def _heartbeat(self, pair_id: int, owner: str) -> LockHeartbeat:
+        ttl = timedelta(seconds=self._settings.lock_ttl_seconds)
+        return LockHeartbeat(self._sessions, pair_id, owner, ttl=ttl, clock=self._clock)
 
     @contextmanager
     def _uow(self) -> Iterator[Session]:
@@ -420,9 +464,10 @@ class SyncService:
 
         snapshot_started = time.monotonic()
         try:
-            snapshot_id, members, skipped = self._take_snapshot(
-                run_id, ref.id, source_name, source_url, query, source_timeout
-            )
+            with self._heartbeat(pair_id, owner):
+                snapshot_id, members, skipped = self._take_snapshot(
+                    run_id, ref.id, source_name, source_url, query, source_timeout
+                )
         except (SourceError, ConfigError) as exc:
             return end(run_repo.FAILED, str(exc))
         diff_started = time.monotonic()
@@ -570,7 +615,8 @@ class SyncService:
                 identify_call(prepared.audience, prepared.destination_id, change, now=now)
                 for change in page
             ]
-            rejections = client.deliver(prepared.audience, calls)
+            with self._heartbeat(prepared.pair_id, prepared.lock_owner):
+                rejections = client.deliver(prepared.audience, calls)
             crash_point(self._settings, "page_sent")
             rejected_at = {r.index: r for r in rejections}
             accepted = [c for i, c in enumerate(page) if i not in rejected_at]
