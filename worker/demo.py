@@ -136,8 +136,8 @@ def _count_lines(path: Path) -> int:
 
 
 def _print(console: Console, summaries: list[RunSummary], out: Path) -> None:
+    # Borderless, so that full audience keys fit an 80-column terminal.
     table = Table(
-        "run",
         "audience",
         "mode",
         "status",
@@ -146,10 +146,14 @@ def _print(console: Console, summaries: list[RunSummary], out: Path) -> None:
         "exited",
         "sent",
         title="sync history",
+        box=None,
+        pad_edge=False,
+        padding=(0, 1, 0, 0),
+        collapse_padding=True,
     )
+    table.columns[0].min_width = max((len(s.audience_key) for s in summaries), default=8)
     for s in summaries:
         table.add_row(
-            str(s.run_id),
             s.audience_key,
             s.mode,
             s.status,
