@@ -10,6 +10,7 @@ from worker.db import make_engine, make_session_factory
 from worker.pool import DestinationPool, LimiterFactory, http_options, local_limiter
 from worker.service import NoProgress, Progress, SyncService
 from worker.settings import Settings
+from worker.sources import dispose_source_engines
 
 
 @dataclass
@@ -22,6 +23,7 @@ class Runtime:
 
     def close(self) -> None:
         self.destinations.close()
+        dispose_source_engines()
         self.engine.dispose()
 
 

@@ -401,27 +401,17 @@ class SyncService:
         """
         started = time.monotonic()
         now = self._clock()
-        ttl = timedelta(seconds=self._settings.lock_ttl_seconds)
         token = uuid.uuid4().hex
         with self._uow() as session:
             pair = audience_repo.pair_by_id(session, pair_id)
             if pair is None:
                 raise NotFoundError(f"no audience/destination pair {pair_id}")
             audience, destination = pair.audience, pair.destination
-            if not audience_repo.try_lock_pair(session, pair_id, token, now=now, ttl=ttl):
-                holder = run_repo.running_run_id(session, audience.id, destination.id)
-                run = run_repo.create_run(
-                    session,
-                    audience_id=audience.id,
-                    destination_id=destination.id,
-                    mode="incremental",
-                    trigger=request.trigger,
-                    now=now,
-                    status=run_repo.SKIPPED,
-                    error="another sync of this audience and destination is in progress"
-                    + (f" (run {holder})" if holder else ""),
-                )
-                return self._summary(run, audience.key, destination.name, started)
+            skip = self._lock_or_skip(
+                session, pair, token, mode="incremental", trigger=request.trigger, started=started
+            )
+            if skip is not None:
+                return skip
             run_repo.close_interrupted_runs(session, audience.id, destination.id, now=now)
             if not request.is_dry_run:
                 settle_stopped_runs(session, audience.id, destination.id, now=now)
@@ -459,8 +449,8 @@ class SyncService:
             query, max_exit_fraction = audience.query, audience.max_exit_fraction
         crash_point(self._settings, "after_lock")
 
-        def end(status: str, error: str | None, **values: int) -> RunSummary:
-            return self._end_run(run_id, pair_id, owner, status, error, started, **values)
+        def end(status: str, error: str | None) -> RunSummary:
+            return self._end_run(run_id, pair_id, owner, status, error, started)
 
         snapshot_started = time.monotonic()
         try:
@@ -541,6 +531,36 @@ class SyncService:
             diff_seconds=diff_finished - diff_started,
             has_failing_members=has_failing,
         )
+
+    def _lock_or_skip(
+        self,
+        session: Session,
+        pair: AudienceDestination,
+        token: str,
+        *,
+        mode: str,
+        trigger: str,
+        started: float,
+    ) -> RunSummary | None:
+        """Take the pair's lock for `token`; when another run holds it, record this run as
+        `skipped`, naming the holder, and return its summary."""
+        now = self._clock()
+        ttl = timedelta(seconds=self._settings.lock_ttl_seconds)
+        if audience_repo.try_lock_pair(session, pair.id, token, now=now, ttl=ttl):
+            return None
+        holder = run_repo.running_run_id(session, pair.audience_id, pair.destination_id)
+        run = run_repo.create_run(
+            session,
+            audience_id=pair.audience_id,
+            destination_id=pair.destination_id,
+            mode=mode,
+            trigger=trigger,
+            now=now,
+            status=run_repo.SKIPPED,
+            error="another sync of this audience and destination is in progress"
+            + (f" (run {holder})" if holder else ""),
+        )
+        return self._summary(run, pair.audience.key, pair.destination.name, started)
 
     def _take_snapshot(
         self,
@@ -841,24 +861,16 @@ class SyncService:
         """A run against an empty snapshot: every held member gets `false`."""
         started = time.monotonic()
         now = self._clock()
-        ttl = timedelta(seconds=self._settings.lock_ttl_seconds)
         token = uuid.uuid4().hex
         with self._uow() as session:
             pair = audience_repo.pair_by_id(session, pair_id)
             assert pair is not None
             audience, destination = pair.audience, pair.destination
-            if not audience_repo.try_lock_pair(session, pair_id, token, now=now, ttl=ttl):
-                run = run_repo.create_run(
-                    session,
-                    audience_id=audience.id,
-                    destination_id=destination.id,
-                    mode="archive",
-                    trigger=trigger,
-                    now=now,
-                    status=run_repo.SKIPPED,
-                    error="another sync of this audience and destination is in progress",
-                )
-                return self._summary(run, audience.key, destination.name, started)
+            skip = self._lock_or_skip(
+                session, pair, token, mode="archive", trigger=trigger, started=started
+            )
+            if skip is not None:
+                return skip
             run_repo.close_interrupted_runs(session, audience.id, destination.id, now=now)
             settle_stopped_runs(session, audience.id, destination.id, now=now)
             # Every user the destination may hold as a member gets `false`, quarantined or not.

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, text
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from worker.errors import SourceError
@@ -163,8 +162,3 @@ def _db_message(exc: DBAPIError) -> str:
     if "interrupted" in message or "statement timeout" in message:
         return f"the query ran past its statement timeout ({message})"
     return message
-
-
-def describe_url(url: str) -> str:
-    """The URL without its password, for messages."""
-    return make_url(url).render_as_string(hide_password=True)
