@@ -5,7 +5,6 @@ import logging
 import multiprocessing
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
@@ -15,6 +14,7 @@ import pytest
 import redis
 from pydantic import SecretStr
 
+from tests.destinations.common import AUDIENCE
 from tests.fixtures.databases import REDIS_URL, redis_client
 from tests.fixtures.fake_destinations import (
     DEFAULT_ORTTO_KEY,
@@ -36,20 +36,12 @@ from worker.destinations.ortto_api import OrttoApiDestination
 from worker.destinations.segment import SegmentDestination
 from worker.destinations.settings import OrttoApiSettings, OrttoSettings, SegmentSettings
 from worker.errors import ConfigError, DestinationAuthError, TransientDestinationError
-from worker.payloads import AudienceRef
 from worker.ratelimit import LocalRateLimiter, RedisRateLimiter, parse_rate_limit
 
 FAST = HttpOptions(
     connect_timeout=1.0, read_timeout=1.0, max_attempts=3, backoff_base=0.01, backoff_max=0.05
 )
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
-AUDIENCE = AudienceRef(id=42, key="order_completed_last_30days", name="Order Completed")
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeDestinations]:
-    with FakeDestinations() as server:
-        yield server
 
 
 class RecordingLimiter:

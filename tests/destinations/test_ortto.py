@@ -1,13 +1,13 @@
 """Tests of the `ortto` destination (Ortto's Segment endpoint) against the local fake server."""
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 from pydantic import SecretStr
 
+from tests.destinations.common import AUDIENCE, FAST
 from tests.fixtures.fake_destinations import (
     FakeDestinations,
     RecordingTransport,
@@ -26,18 +26,6 @@ from worker.destinations.ortto import (
 from worker.destinations.registry import build_destination
 from worker.destinations.settings import OrttoSettings
 from worker.errors import DestinationAuthError, DestinationError, TransientDestinationError
-from worker.payloads import AudienceRef
-
-FAST = HttpOptions(
-    connect_timeout=1.0, read_timeout=2.0, max_attempts=4, backoff_base=0.01, backoff_max=0.05
-)
-AUDIENCE = AudienceRef(id=42, key="order_completed_last_30days", name="Order Completed")
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeDestinations]:
-    with FakeDestinations() as server:
-        yield server
 
 
 def ortto(

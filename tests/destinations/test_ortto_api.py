@@ -1,13 +1,14 @@
 """Tests of the `ortto-api` destination (Ortto's REST API) against the local fake server."""
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 from pydantic import SecretStr
 
+from tests.destinations.common import AUDIENCE
 from tests.fixtures.fake_destinations import (
     DEFAULT_ORTTO_API_KEY,
     FakeDestinations,
@@ -32,16 +33,9 @@ from worker.payloads import AudienceRef
 FAST = HttpOptions(
     connect_timeout=1.0, read_timeout=2.0, max_attempts=5, backoff_base=0.01, backoff_max=0.05
 )
-AUDIENCE = AudienceRef(id=42, key="order_completed_last_30days", name="Order Completed")
 FIELD_ID = "bol:cm:order-completed-last-30days"
 PREPARED = AudienceRef(id=42, key=AUDIENCE.key, name=AUDIENCE.name, field_id=FIELD_ID)
 ANONYMOUS = "anonymous user: Ortto merges people by str::ei (a user id) and this user has none"
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeDestinations]:
-    with FakeDestinations() as server:
-        yield server
 
 
 def ortto_api(

@@ -2,12 +2,12 @@
 
 import base64
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from pydantic import SecretStr
 
+from tests.destinations.common import AUDIENCE, FAST
 from tests.fixtures.fake_destinations import (
     SEGMENT_MAX_BYTES,
     FakeDestinations,
@@ -15,7 +15,6 @@ from tests.fixtures.fake_destinations import (
     sample_calls,
 )
 from worker.destinations.base import Rejection
-from worker.destinations.http import HttpOptions
 from worker.destinations.registry import build_destination
 from worker.destinations.segment import (
     MAX_CALLS_PER_REQUEST,
@@ -24,18 +23,6 @@ from worker.destinations.segment import (
 )
 from worker.destinations.settings import SegmentSettings
 from worker.errors import DestinationAuthError
-from worker.payloads import AudienceRef
-
-FAST = HttpOptions(
-    connect_timeout=1.0, read_timeout=2.0, max_attempts=4, backoff_base=0.01, backoff_max=0.05
-)
-AUDIENCE = AudienceRef(id=42, key="order_completed_last_30days", name="Order Completed")
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeDestinations]:
-    with FakeDestinations() as server:
-        yield server
 
 
 def segment(
