@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.batching import batch_bounds
+from worker.batching import batch_bounds, encoded_batches
 
 
 @pytest.mark.parametrize(
@@ -77,3 +77,18 @@ def test_batch_bounds_cover_everything_once_within_limits(
     for current, following in itertools.pairwise(ranges):
         grown = overhead + sum(sizes[i] for i in current) + len(current) + sizes[following.start]
         assert len(current) == max_items or grown > max_bytes
+
+
+def test_encoded_batches_set_aside_what_cannot_be_sent() -> None:
+    items: list[bytes | str] = [b"aa", "no user id", b"x" * 10, b"bb", b"cc", b"dd"]
+    unsendable, batches = encoded_batches(
+        items,
+        max_items=2,
+        max_bytes=100,
+        max_item_bytes=5,
+        overhead=2,
+        too_large=lambda size: f"{size} bytes",
+    )
+    assert unsendable == [(1, "no user id"), (2, "10 bytes")]
+    assert [batch.indexes for batch in batches] == [[0, 3], [4, 5]]
+    assert [batch.join(b"[", b"]") for batch in batches] == [b"[aa,bb]", b"[cc,dd]"]

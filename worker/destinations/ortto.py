@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from worker.batching import batch_bounds
+from worker.batching import encoded_batches
 from worker.destinations.base import Destination, Rejection
 from worker.destinations.http import (
     DestinationHttpClient,
@@ -111,40 +111,29 @@ class OrttoDestination(Destination):
         return self._http.base_url
 
     def deliver(self, audience: AudienceRef, calls: Sequence[dict[str, Any]]) -> list[Rejection]:
-        rejections: list[Rejection] = []
-        indexes: list[int] = []
-        parts: list[bytes] = []
-        for index, call in enumerate(calls):
-            if not call.get("userId") and not call.get("anonymousId"):
-                rejections.append(Rejection(index, None, "identify call has no user id"))
-                continue
-            part = encode_json(ortto_contact(call))
-            if _ARRAY_OVERHEAD + len(part) > MAX_REQUEST_BYTES:
-                rejections.append(
-                    Rejection(
-                        index,
-                        None,
-                        f"contact is {len(part)} bytes encoded, over the {MAX_REQUEST_BYTES} "
-                        "bytes sent per request",
-                    )
-                )
-                continue
-            indexes.append(index)
-            parts.append(part)
-
-        for bounds in batch_bounds(
-            [len(part) for part in parts],
+        unsendable, batches = encoded_batches(
+            [
+                encode_json(ortto_contact(call))
+                if call.get("userId") or call.get("anonymousId")
+                else "identify call has no user id"
+                for call in calls
+            ],
             max_items=MAX_CONTACTS_PER_REQUEST,
             max_bytes=MAX_REQUEST_BYTES,
+            max_item_bytes=MAX_REQUEST_BYTES - _ARRAY_OVERHEAD,
             overhead=_ARRAY_OVERHEAD,
-        ):
-            sent = [indexes[i] for i in bounds]
-            body = b"[" + b",".join(parts[i] for i in bounds) + b"]"
-            result = self._http.send("POST", "/identify", content=body)
+            too_large=lambda size: (
+                f"contact is {size} bytes encoded, over the {MAX_REQUEST_BYTES} "
+                "bytes sent per request"
+            ),
+        )
+        rejections = [Rejection(index, None, reason) for index, reason in unsendable]
+        for batch in batches:
+            result = self._http.send("POST", "/identify", content=batch.join(b"[", b"]"))
             if result.is_success:
-                rejections.extend(identify_rejections(result.body, sent))
+                rejections.extend(identify_rejections(result.body, batch.indexes))
             else:
-                rejections.extend(result.reject(sent))
+                rejections.extend(result.reject(batch.indexes))
         return sorted(rejections, key=lambda rejection: rejection.index)
 
     def check(self) -> str:

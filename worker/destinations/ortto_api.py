@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from worker.batching import batch_bounds
+from worker.batching import encoded_batches
 from worker.destinations.base import Destination, Rejection
 from worker.destinations.http import (
     DestinationHttpClient,
@@ -183,36 +183,27 @@ class OrttoApiDestination(Destination):
 
     def deliver(self, audience: AudienceRef, calls: Sequence[dict[str, Any]]) -> list[Rejection]:
         field_id = self.prepare(audience)
-        rejections: list[Rejection] = []
-        indexes: list[int] = []
-        parts: list[bytes] = []
         head, tail = merge_body_affixes(self.merge_by)
         overhead = len(head) + len(tail)
-        for index, call in enumerate(calls):
+        items: list[bytes | str] = []
+        for call in calls:
             fields = person_fields(call, audience.key, field_id, self.merge_by)
-            if isinstance(fields, str):
-                rejections.append(Rejection(index, None, fields))
-                continue
-            part = encode_json({"fields": fields})
-            if overhead + len(part) > MAX_REQUEST_BYTES:
-                rejections.append(Rejection(index, None, "person too large for one request"))
-                continue
-            indexes.append(index)
-            parts.append(part)
-
-        for bounds in batch_bounds(
-            [len(part) for part in parts],
+            items.append(fields if isinstance(fields, str) else encode_json({"fields": fields}))
+        unsendable, batches = encoded_batches(
+            items,
             max_items=MAX_PEOPLE_PER_REQUEST,
             max_bytes=MAX_REQUEST_BYTES,
+            max_item_bytes=MAX_REQUEST_BYTES - overhead,
             overhead=overhead,
-        ):
-            sent = [indexes[i] for i in bounds]
-            body = head + b",".join(parts[i] for i in bounds) + tail
-            result = self._http.send("POST", "/v1/person/merge", content=body)
+            too_large=lambda _size: "person too large for one request",
+        )
+        rejections = [Rejection(index, None, reason) for index, reason in unsendable]
+        for batch in batches:
+            result = self._http.send("POST", "/v1/person/merge", content=batch.join(head, tail))
             if result.is_success:
-                rejections.extend(merge_rejections(result.body, sent))
+                rejections.extend(merge_rejections(result.body, batch.indexes))
             else:
-                rejections.extend(result.reject(sent))
+                rejections.extend(result.reject(batch.indexes))
         return sorted(rejections, key=lambda rejection: rejection.index)
 
     def check(self) -> str:

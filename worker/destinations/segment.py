@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from worker.batching import batch_bounds
+from worker.batching import encoded_batches
 from worker.destinations.base import Destination, Rejection
 from worker.destinations.http import (
     DestinationHttpClient,
@@ -63,37 +63,24 @@ class SegmentDestination(Destination):
         )
 
     def deliver(self, audience: AudienceRef, calls: Sequence[dict[str, Any]]) -> list[Rejection]:
-        rejections: list[Rejection] = []
-        indexes: list[int] = []
-        parts: list[bytes] = []
-        for index, call in enumerate(calls):
-            if not call.get("userId") and not call.get("anonymousId"):
-                rejections.append(Rejection(index, None, "identify call has no user id"))
-                continue
-            part = encode_json(call)
-            if len(part) > MAX_CALL_BYTES:
-                rejections.append(
-                    Rejection(
-                        index,
-                        None,
-                        f"call is {len(part)} bytes encoded, over Segment's 32 KB per call",
-                    )
-                )
-                continue
-            indexes.append(index)
-            parts.append(part)
-
-        for bounds in batch_bounds(
-            [len(part) for part in parts],
+        unsendable, batches = encoded_batches(
+            [
+                encode_json(call)
+                if call.get("userId") or call.get("anonymousId")
+                else "identify call has no user id"
+                for call in calls
+            ],
             max_items=MAX_CALLS_PER_REQUEST,
             max_bytes=MAX_REQUEST_BYTES,
+            max_item_bytes=MAX_CALL_BYTES,
             overhead=len(_HEAD) + len(_TAIL),
-        ):
-            sent = [indexes[i] for i in bounds]
-            body = _HEAD + b",".join(parts[i] for i in bounds) + _TAIL
-            result = self._http.send("POST", "/v1/batch", content=body)
+            too_large=lambda size: f"call is {size} bytes encoded, over Segment's 32 KB per call",
+        )
+        rejections = [Rejection(index, None, reason) for index, reason in unsendable]
+        for batch in batches:
+            result = self._http.send("POST", "/v1/batch", content=batch.join(_HEAD, _TAIL))
             if not result.is_success:
-                rejections.extend(result.reject(sent))
+                rejections.extend(result.reject(batch.indexes))
         return sorted(rejections, key=lambda rejection: rejection.index)
 
     def check(self) -> str:
