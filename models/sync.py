@@ -46,9 +46,9 @@ class SyncRun(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     audience_id: Mapped[int] = mapped_column(ForeignKey("audiences.id", ondelete="CASCADE"))
     destination_id: Mapped[int] = mapped_column(ForeignKey("destinations.id", ondelete="CASCADE"))
-    mode: Mapped[str] = mapped_column(String(20))  # initial, incremental, full, dry_run, archive
-    trigger: Mapped[str] = mapped_column(String(20))  # manual, schedule
-    # running, succeeded, partial, failed, skipped, blocked
+    # The values of worker.domain's RunMode, Trigger and RunStatus.
+    mode: Mapped[str] = mapped_column(String(20))
+    trigger: Mapped[str] = mapped_column(String(20))
     status: Mapped[str] = mapped_column(String(20))
     started_at: Mapped[datetime] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -61,8 +61,6 @@ class SyncRun(Base):
     # reason -> count, e.g. {"null_id": 3, "id_too_long": 1, "invalid_id": 1, "duplicate_id": 2}
     skipped_rows: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     error: Mapped[str | None] = mapped_column(Text)
-    # Fan-out delivery: chunks still outstanding before the run is finalised.
-    pending_chunks: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class RunChange(Base):
@@ -98,7 +96,8 @@ class DeliveryFailure(Base):
 
 
 class FailingMember(Base):
-    """A user whose latest delivery was rejected; quarantined after repeated rejections."""
+    """A user whose latest delivery was rejected (quarantined after repeated rejections) or
+    is in doubt (a run stopped before recording the destination's answer)."""
 
     __tablename__ = "failing_members"
 
@@ -116,6 +115,10 @@ class FailingMember(Base):
     last_message: Mapped[str] = mapped_column(Text)
     last_run_id: Mapped[int] = mapped_column(BigId)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # Accepted deliveries of the user's current value still owed before the row goes: one
+    # after a rejection; two for a user in doubt, since a lost request may still be applied
+    # by the destination after the first re-send.
+    resends_owed: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
 
 Index("ix_sync_runs_pair_started", SyncRun.audience_id, SyncRun.destination_id, SyncRun.id)

@@ -19,9 +19,9 @@ from worker.celery import (
     celery_config,
     make_app,
 )
+from worker.domain import FanOut, PreparedRun, chunk_ranges
 from worker.payloads import AudienceRef
 from worker.ratelimit import RateLimit, RedisRateLimiter
-from worker.service import FanOut, PreparedRun, chunk_ranges
 from worker.settings import Settings
 from worker.tasks import (
     RATE_LIMIT_KEY,

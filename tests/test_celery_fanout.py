@@ -13,15 +13,9 @@ import pytest
 
 from tests.fixtures.databases import ShopSource
 from tests.fixtures.factories import apply_file, audience, read_calls, write_config
+from worker.domain import ChunkRange, FanOut, RunSummary, SyncRequest, chunk_ranges
 from worker.runtime import Runtime, build_runtime
-from worker.service import (
-    ChunkRange,
-    FanOut,
-    RunSummary,
-    SyncRequest,
-    SyncService,
-    chunk_ranges,
-)
+from worker.service import SyncService
 from worker.settings import Settings
 
 

@@ -28,8 +28,8 @@ from tests.fixtures.fake_destinations import (
     FakeDestinations,
     max_requests_in_window,
 )
+from worker.domain import ChunkRange, FanOut, PreparedRun, SyncRequest
 from worker.runtime import Runtime, build_runtime
-from worker.service import ChunkRange, FanOut, PreparedRun, SyncRequest
 from worker.settings import Settings
 from worker.tasks import ABANDONED, fan_out_chord
 

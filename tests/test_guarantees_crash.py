@@ -41,10 +41,12 @@ from tests.fixtures.guarantees import (
     start_cli,
     wrong_values,
 )
+from worker.context import utcnow
 from worker.destinations.ortto import OrttoDestination
+from worker.domain import PreparedRun, SyncRequest
 from worker.repositories.runs import INTERRUPTED
 from worker.runtime import Runtime
-from worker.service import PreparedRun, SyncRequest, SyncService, utcnow
+from worker.service import SyncService
 
 KEY = "crash_test"
 LOCK_TTL = 5

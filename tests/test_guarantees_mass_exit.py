@@ -23,8 +23,8 @@ from tests.fixtures.guarantees import (
     sync_to_fake,
     wrong_values,
 )
+from worker.domain import mass_exit_reason
 from worker.runtime import Runtime
-from worker.service import mass_exit_reason
 from worker.settings import get_settings
 
 KEY = "mass_exit_test"

@@ -19,9 +19,9 @@ from tests.fixtures.databases import ShopSource
 from tests.fixtures.fake_destinations import FakeDestinations
 from tests.fixtures.guarantees import running_fake, sync_to_fake, wrong_values
 from worker.destinations.ortto import OrttoDestination
+from worker.domain import RunSummary, SyncRequest
 from worker.payloads import AudienceRef
 from worker.runtime import Runtime, build_runtime
-from worker.service import RunSummary, SyncRequest
 
 KEY = "outage_test"
 ATTEMPTS = 3  # the test settings' max_attempts

@@ -20,10 +20,11 @@ from tests.fixtures.databases import ShopSource, postgres_database
 from tests.fixtures.factories import audience, read_calls, write_config
 from tests.fixtures.guarantees import invoke, point_cli_at
 from worker.config import load_config
+from worker.domain import SyncRequest
 from worker.errors import ConfigError
 from worker.repositories import snapshots as snapshot_repo
 from worker.runtime import Runtime, build_runtime
-from worker.service import SyncRequest, SyncService
+from worker.service import SyncService
 from worker.settings import Settings, get_settings
 
 KEY = "source_test"

@@ -8,8 +8,8 @@ import pytest
 
 from tests.fixtures.databases import source_database, state_database
 from tests.fixtures.factories import apply_file, audience, write_config
+from worker.domain import RunSummary, SyncRequest
 from worker.runtime import build_runtime
-from worker.service import RunSummary, SyncRequest
 from worker.settings import Settings
 
 TTL = 5

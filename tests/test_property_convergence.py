@@ -32,11 +32,12 @@ from worker import db
 from worker.config import load_config
 from worker.destinations.base import Destination, Rejection
 from worker.destinations.registry import HttpOptions
+from worker.domain import RunSummary, SyncRequest
 from worker.errors import TransientDestinationError
 from worker.payloads import AudienceRef
 from worker.pool import DestinationPool
 from worker.repositories.runs import INTERRUPTED
-from worker.service import RunSummary, SyncRequest, SyncService
+from worker.service import SyncService
 from worker.settings import Settings
 
 USERS = [f"u{i:02d}" for i in range(12)]

@@ -16,8 +16,8 @@ from tests.fixtures.factories import (
     sync_all,
     write_config,
 )
+from worker.domain import SyncRequest
 from worker.runtime import Runtime
-from worker.service import SyncRequest
 
 USERS = 10_000
 KEYS = {"a": "order_completed_last_30days", "b": "high_value_customers", "c": "vip_eu_users"}

@@ -17,8 +17,10 @@ from rich.table import Table
 
 from worker import db
 from worker.config import load_config
+from worker.domain import RunStatus, Trigger
 from worker.errors import AudienceSyncError
 from worker.repositories import audiences as audience_repo
+from worker.repositories import failures as failure_repo
 from worker.repositories import runs as run_repo
 from worker.runtime import Runtime, build_runtime
 from worker.service import NoProgress, Progress, RunSummary, SyncRequest
@@ -36,7 +38,7 @@ app.add_typer(destinations_app, name="destinations")
 
 console = Console()
 err_console = Console(stderr=True)
-BAD_STATUSES = {run_repo.FAILED, run_repo.BLOCKED, run_repo.PARTIAL}
+BAD_STATUSES = {RunStatus.FAILED, RunStatus.BLOCKED, RunStatus.PARTIAL}
 
 
 class _BarProgress:
@@ -168,7 +170,7 @@ def sync(
         is_dry_run=dry_run,
         allow_mass_exit=allow_mass_exit,
         retry_quarantined=retry_quarantined,
-        trigger="manual",
+        trigger=Trigger.MANUAL,
     )
     with _errors(), _runtime() as runtime:
         pair_ids = runtime.service.select_pairs(
@@ -316,7 +318,7 @@ def runs_show(
         record = _run_record(run, *pair_names)
         record["failures"] = [
             {"user": f.member_id, "value": f.value, "status": f.status, "message": f.message}
-            for f in run_repo.failures_of_run(session, run_id)
+            for f in failure_repo.failures_of_run(session, run_id)
         ]
     if as_json:
         sys.stdout.write(json.dumps(record, indent=2) + "\n")
@@ -360,7 +362,7 @@ def failures(
 ) -> None:
     """List quarantined users (rejected too many times in a row)."""
     with _errors(), _runtime() as runtime, runtime.sessions() as session:
-        rows = run_repo.failing_members(
+        rows = failure_repo.failing_members(
             session, audience_key=audience, only_quarantined=not all_failing
         )
         table = Table(
@@ -401,7 +403,7 @@ def archive(
         summaries = runtime.service.archive(key, exit_members=exit_members)
     if summaries:
         _print_summaries(summaries)
-    if any(s.status != run_repo.SUCCEEDED for s in summaries):
+    if any(s.status != RunStatus.SUCCEEDED for s in summaries):
         _fail(f"audience {key!r} stays active: not every destination took the exits", 1)
     console.print(f"archived {key}")
 

@@ -1,14 +1,17 @@
 """Per-process wiring: one engine, one session factory, one destination pool, one service."""
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from worker.crashpoints import kill_at
 from worker.db import make_engine, make_session_factory
+from worker.domain import NoProgress, Progress
 from worker.pool import DestinationPool, LimiterFactory, http_options, local_limiter
-from worker.service import NoProgress, Progress, SyncService
+from worker.service import SyncService
 from worker.settings import Settings
 from worker.sources import dispose_source_engines
 
@@ -32,11 +35,19 @@ def build_runtime(
     *,
     limiter_factory: LimiterFactory = local_limiter,
     progress: Callable[[], Progress] = NoProgress,
+    env: Mapping[str, str] | None = None,
 ) -> Runtime:
+    """Wire one process. `env` resolves `${VAR}` references (the process environment by
+    default); `settings.crash_at` arms the guarantee tests' kill switch."""
     engine = make_engine(settings.database_url)
     sessions = make_session_factory(engine)
     destinations = DestinationPool(http=http_options(settings), limiter_factory=limiter_factory)
     service = SyncService(
-        session_factory=sessions, settings=settings, destinations=destinations, progress=progress
+        session_factory=sessions,
+        settings=settings,
+        destinations=destinations,
+        progress=progress,
+        env=os.environ if env is None else env,
+        crash_point=kill_at(settings.crash_at),
     )
     return Runtime(settings, engine, sessions, destinations, service)

@@ -31,13 +31,20 @@ from worker.celery import (
     SYNC_SOFT_LIMIT_SECONDS,
     app,
 )
+from worker.domain import (
+    FanOut,
+    PreparedRun,
+    RunStatus,
+    RunSummary,
+    SyncRequest,
+    Trigger,
+    summary_fields,
+)
 from worker.errors import ConfigError, DestinationError, TransientDestinationError
 from worker.payloads import AudienceRef
 from worker.pool import LimiterFactory
 from worker.ratelimit import RateLimit, RateLimiter, RedisRateLimiter
-from worker.repositories.runs import FAILED
 from worker.runtime import Runtime, build_runtime
-from worker.service import FanOut, PreparedRun, RunSummary, SyncRequest, summary_fields
 from worker.settings import get_settings
 
 RATE_LIMIT_KEY = "audience_sync:rate_limit:{name}"
@@ -123,7 +130,7 @@ def retry_delay(settings_delay: float, retries: int, *, cap: float | None = None
 def dispatch_due() -> list[int]:
     """Beat's task: queue a scheduled sync of every pair that is due; return their ids."""
     pair_ids = runtime().service.due_pairs()
-    request = asdict(SyncRequest(trigger="schedule"))
+    request = asdict(SyncRequest(trigger=Trigger.SCHEDULE))
     for pair_id in pair_ids:
         sync_pair.delay(pair_id, request)
     return pair_ids
@@ -146,7 +153,7 @@ def sync_audience(
         is_dry_run=dry_run,
         allow_mass_exit=allow_mass_exit,
         retry_quarantined=retry_quarantined,
-        trigger="manual",
+        trigger=Trigger.MANUAL,
     )
     pair_ids = runtime().service.select_pairs(audience_keys=[key], destination_name=destination)
     if not pair_ids:
@@ -173,7 +180,11 @@ def sync_pair(self: Task[Any, Any], pair_id: int, request: dict[str, Any]) -> di
     service, settings = runtime().service, runtime().settings
     # Beat may queue a pair again while an earlier tick's task still waits in a busy queue;
     # that copy finds the pair no longer due and does nothing. Retries are not re-checked.
-    if wanted.trigger == "schedule" and self.request.retries == 0 and not service.is_due(pair_id):
+    if (
+        wanted.trigger == Trigger.SCHEDULE
+        and self.request.retries == 0
+        and not service.is_due(pair_id)
+    ):
         return {"pair_id": pair_id, "status": "not_due"}
     outcome = service.start_sync(pair_id, wanted)
     if isinstance(outcome, FanOut):
@@ -183,7 +194,7 @@ def sync_pair(self: Task[Any, Any], pair_id: int, request: dict[str, Any]) -> di
             "status": "running",
             "chunks": len(outcome.chunks),
         }
-    if outcome.status == FAILED and self.request.retries < settings.task_retries:
+    if outcome.status == RunStatus.FAILED and self.request.retries < settings.task_retries:
         # A failed run is recorded; a new run is tried later (another destination's syncs
         # are other tasks and go on meanwhile).
         raise self.retry(

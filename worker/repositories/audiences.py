@@ -2,6 +2,7 @@
 
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, joinedload
@@ -150,3 +151,80 @@ def names_of_pair(session: Session, audience_id: int, destination_id: int) -> tu
     destination = session.get(Destination, destination_id)
     assert audience is not None and destination is not None
     return audience.key, destination.name
+
+
+def destination_settings(session: Session, destination_id: int) -> tuple[str, dict[str, Any]]:
+    """(name, stored settings) of a destination."""
+    destination = session.get(Destination, destination_id)
+    if destination is None:
+        raise LookupError(f"no destination with id {destination_id}")
+    return destination.name, dict(destination.settings)
+
+
+def save_source(
+    session: Session, known: dict[str, Source], *, name: str, url: str, timeout: float
+) -> Source:
+    """Create or update the named source; `known` (by name) is kept up to date."""
+    source = known.get(name) or Source(name=name)
+    source.url = url
+    source.statement_timeout_seconds = timeout
+    session.add(source)
+    known[name] = source
+    return source
+
+
+def save_destination(
+    session: Session,
+    known: dict[str, Destination],
+    *,
+    name: str,
+    type_: str,
+    settings: dict[str, Any],
+) -> Destination:
+    """Create or update the named destination; `known` (by name) is kept up to date."""
+    destination = known.get(name) or Destination(name=name)
+    destination.type = type_
+    destination.settings = settings
+    session.add(destination)
+    known[name] = destination
+    return destination
+
+
+def create_audience(session: Session, *, key: str, now: datetime, **values: Any) -> Audience:
+    audience = Audience(key=key, created_at=now, updated_at=now, **values)
+    session.add(audience)
+    session.flush()
+    return audience
+
+
+def update_audience(session: Session, audience: Audience, *, now: datetime, **values: Any) -> bool:
+    """Set the audience's values; whether any of them changed."""
+    if all(getattr(audience, name) == value for name, value in values.items()):
+        return False
+    for name, value in values.items():
+        setattr(audience, name, value)
+    audience.updated_at = now
+    session.flush()
+    return True
+
+
+def set_destinations(session: Session, audience: Audience, destination_ids: set[int]) -> None:
+    """Enable exactly these destinations for the audience (links to others are disabled)."""
+    links = {link.destination_id: link for link in audience.links}
+    for destination_id in destination_ids - links.keys():
+        session.add(
+            AudienceDestination(
+                audience_id=audience.id, destination_id=destination_id, is_enabled=True
+            )
+        )
+    for destination_id, link in links.items():
+        link.is_enabled = destination_id in destination_ids
+
+
+def archive_audience(session: Session, audience: Audience, *, now: datetime) -> bool:
+    """Mark the audience archived; whether it was active."""
+    if audience.is_archived:
+        return False
+    audience.is_archived = True
+    audience.updated_at = now
+    return True

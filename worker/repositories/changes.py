@@ -6,16 +6,15 @@ loaded whole into Python, a page costs the same however large the audience, and 
 workers can take disjoint member_id ranges of one run.
 """
 
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, delete, exists, false, func, literal, select, text, true, update
 from sqlalchemy.orm import Session
 
 from models import FailingMember, RunChange, SnapshotMember, SyncedMember, SyncRun
+from worker.domain import PairScope
 from worker.payloads import Change
-from worker.repositories.dialect import insert_for
+from worker.repositories.dialect import is_postgresql
 
 _CHANGE_COLUMNS = [
     "run_id",
@@ -26,14 +25,6 @@ _CHANGE_COLUMNS = [
     "previous_run_id",
     "is_in_flight",
 ]
-
-
-@dataclass(frozen=True, slots=True)
-class PairScope:
-    audience_id: int
-    destination_id: int
-    snapshot_id: int
-    is_full: bool = False
 
 
 def _pair(scope: PairScope, table: Any) -> Any:
@@ -139,7 +130,7 @@ def _change_selects(scope: PairScope, run_id: int) -> list[Any]:
 def plan_run_changes(session: Session, scope: PairScope, run_id: int) -> tuple[int, int]:
     """Write the run's change set into run_changes; return (users to send `true`, users to
     send `false`)."""
-    if session.get_bind().dialect.name == "postgresql":
+    if is_postgresql(session):
         # Set-based statements over the whole audience: compiling them costs more than it saves.
         session.execute(text("SET LOCAL jit = off"))
     table = RunChange.__table__
@@ -236,94 +227,6 @@ def runs_with_changes(session: Session, audience_id: int, destination_id: int) -
     )
 
 
-def settle_run(
-    session: Session, run_id: int, audience_id: int, destination_id: int, *, now: datetime
-) -> None:
-    """Close the books of a run that stopped: its pages in flight may have reached the
-    destination unrecorded, so their users become in doubt (a failing row, which makes later
-    runs send them their current value; a member told `true` for the first time also gets a
-    synced row, `false`, so that an exit reaches them if the source drops them first).
-    Then the run's changes are forgotten: the next run computes its own."""
-    message = f"in doubt: run {run_id} stopped before recording the destination's answer"
-    in_flight = and_(RunChange.run_id == run_id, RunChange.is_in_flight.is_(True))
-    failing = insert_for(session, FailingMember.__table__)  # type: ignore[arg-type]
-    session.execute(
-        failing.from_select(
-            [
-                "audience_id",
-                "destination_id",
-                "member_id",
-                "consecutive_failures",
-                "is_quarantined",
-                "last_value",
-                "last_status",
-                "last_message",
-                "last_run_id",
-                "updated_at",
-            ],
-            select(
-                literal(audience_id),
-                literal(destination_id),
-                RunChange.member_id,
-                literal(0),
-                false(),
-                RunChange.value,
-                literal(None),
-                literal(message),
-                literal(run_id),
-                literal(now, FailingMember.updated_at.type),
-            ).where(in_flight),
-        ).on_conflict_do_nothing()
-    )
-    synced = insert_for(session, SyncedMember.__table__)  # type: ignore[arg-type]
-    session.execute(
-        synced.from_select(
-            [
-                "audience_id",
-                "destination_id",
-                "member_id",
-                "is_anonymous",
-                "is_member",
-                "email",
-                "updated_at",
-                "run_id",
-            ],
-            select(
-                literal(audience_id),
-                literal(destination_id),
-                RunChange.member_id,
-                RunChange.is_anonymous,
-                false(),
-                RunChange.email,
-                literal(now, SyncedMember.updated_at.type),
-                literal(None),
-            ).where(in_flight, RunChange.value.is_(True)),
-        ).on_conflict_do_nothing()
-    )
-    drop_changes(session, run_id)
-
-
-def forget_moot_failures(session: Session, scope: PairScope) -> None:
-    """Drop the failing rows of users who left the audience and for whom the destination
-    never accepted a value: nothing is owed to them any more (were they quarantined, they
-    start afresh should they come back)."""
-    session.execute(
-        delete(FailingMember).where(
-            FailingMember.audience_id == scope.audience_id,
-            FailingMember.destination_id == scope.destination_id,
-            ~exists().where(
-                SyncedMember.audience_id == scope.audience_id,
-                SyncedMember.destination_id == scope.destination_id,
-                SyncedMember.member_id == FailingMember.member_id,
-            ),
-            ~exists().where(
-                SnapshotMember.snapshot_id == scope.snapshot_id,
-                SnapshotMember.member_id == FailingMember.member_id,
-            ),
-        )
-    )
-
-
 def count_member_exits(session: Session, scope: PairScope) -> int:
     """Users to send `false` whom the destination holds as members (users in doubt aside)."""
     query = select(func.count()).where(
@@ -343,32 +246,3 @@ def count_newly_entered(session: Session, scope: PairScope) -> int:
         ~_failing(scope, SnapshotMember.member_id, is_quarantined=True),
     )
     return session.scalar(query) or 0
-
-
-def count_synced_members(session: Session, audience_id: int, destination_id: int) -> int:
-    """How many users the destination holds as members (`true`)."""
-    return (
-        session.scalar(
-            select(func.count())
-            .select_from(SyncedMember)
-            .where(
-                SyncedMember.audience_id == audience_id,
-                SyncedMember.destination_id == destination_id,
-                SyncedMember.is_member.is_(True),
-            )
-        )
-        or 0
-    )
-
-
-def has_synced_state(session: Session, audience_id: int, destination_id: int) -> bool:
-    return bool(
-        session.scalar(
-            select(literal(1))
-            .where(
-                SyncedMember.audience_id == audience_id,
-                SyncedMember.destination_id == destination_id,
-            )
-            .limit(1)
-        )
-    )

@@ -8,7 +8,7 @@ from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from models import Snapshot, SnapshotMember
-from worker.repositories.dialect import insert_for
+from worker.repositories.dialect import insert_for, is_postgresql
 from worker.sources import SourceRow
 
 # Snapshots this large refresh the planner's statistics before they are diffed.
@@ -30,7 +30,7 @@ def add_members(session: Session, snapshot_id: int, rows: Sequence[SourceRow]) -
     """
     if not rows:
         return
-    if session.get_bind().dialect.name == "postgresql":
+    if is_postgresql(session):
         _copy_members(session, snapshot_id, rows)
         return
     table = SnapshotMember.__table__
@@ -80,7 +80,7 @@ def finish_snapshot(session: Session, snapshot_id: int) -> int:
         or 0
     )
     session.execute(update(Snapshot).where(Snapshot.id == snapshot_id).values(member_count=count))
-    if count >= ANALYZE_THRESHOLD and session.get_bind().dialect.name == "postgresql":
+    if count >= ANALYZE_THRESHOLD and is_postgresql(session):
         # Fresh statistics, so the diff that follows is planned as hash anti-joins.
         session.execute(text("ANALYZE snapshot_members"))
     return count

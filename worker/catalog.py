@@ -1,0 +1,208 @@
+"""The catalog: apply a configuration, pick the pairs to sync, tell what each pair's schedule
+says, check the destinations, and the reads the CLI shows."""
+
+from collections.abc import Sequence
+
+from models import DeliveryFailure, FailingMember, SyncRun
+from worker.config import Config, resolve_source_url
+from worker.context import ServiceContext
+from worker.domain import ApplyReport, PairStatus
+from worker.errors import ConfigError, DestinationError, NotFoundError, SourceError
+from worker.repositories import audiences as audience_repo
+from worker.repositories import failures as failure_repo
+from worker.repositories import runs as run_repo
+from worker.scheduling import next_due, parse_schedule
+from worker.sources import check_query
+
+
+class Catalog:
+    def __init__(self, ctx: ServiceContext) -> None:
+        self._ctx = ctx
+
+    def apply(self, config: Config, *, check_queries: bool = True) -> ApplyReport:
+        """Create/update sources, destinations and audiences from a validated Config, in one
+        transaction; audiences missing from it are archived."""
+        if check_queries:
+            self._check_queries(config)
+        now = self._ctx.clock()
+        report = ApplyReport()
+        with self._ctx.unit_of_work() as session:
+            sources = audience_repo.sources_by_name(session)
+            for spec in config.sources:
+                audience_repo.save_source(
+                    session,
+                    sources,
+                    name=spec.name,
+                    url=spec.url,
+                    timeout=spec.statement_timeout_seconds,
+                )
+            destinations = audience_repo.destinations_by_name(session)
+            for dspec in config.destinations:
+                audience_repo.save_destination(
+                    session,
+                    destinations,
+                    name=dspec.name,
+                    type_=dspec.type,
+                    settings=dspec.settings,
+                )
+            session.flush()
+            existing = {a.key: a for a in audience_repo.all_audiences(session)}
+            for aspec in config.audiences:
+                audience = existing.pop(aspec.key, None)
+                values = {
+                    "name": aspec.name,
+                    "source_id": sources[aspec.source].id,
+                    "query": aspec.query,
+                    "schedule": aspec.schedule,
+                    "max_exit_fraction": aspec.max_exit_fraction,
+                    "is_archived": False,
+                }
+                if audience is None:
+                    audience = audience_repo.create_audience(
+                        session, key=aspec.key, now=now, **values
+                    )
+                    report.created.append(aspec.key)
+                elif audience_repo.update_audience(session, audience, now=now, **values):
+                    report.updated.append(aspec.key)
+                else:
+                    report.unchanged.append(aspec.key)
+                wanted = {destinations[name].id for name in aspec.destinations}
+                audience_repo.set_destinations(session, audience, wanted)
+            for audience in existing.values():
+                if audience_repo.archive_audience(session, audience, now=now):
+                    report.archived.append(audience.key)
+        return report
+
+    def _check_queries(self, config: Config) -> None:
+        sources = {s.name: s for s in config.sources}
+        for audience in config.audiences:
+            source = sources[audience.source]
+            try:
+                check_query(
+                    resolve_source_url(source.name, source.url, self._ctx.env),
+                    audience.query,
+                    timeout_seconds=source.statement_timeout_seconds,
+                    source_name=source.name,
+                )
+            except SourceError as exc:
+                raise ConfigError(f"audience {audience.key!r}: {exc}") from None
+
+    def select_pairs(
+        self, *, audience_keys: Sequence[str] = (), destination_name: str | None = None
+    ) -> list[int]:
+        """Ids of the pairs to sync: the named audiences (all active ones when none named)."""
+        with self._ctx.unit_of_work() as session:
+            for key in audience_keys:
+                audience = audience_repo.audience_by_key(session, key)
+                if audience is None:
+                    raise NotFoundError(
+                        f"no audience with key {key!r}; `audience-sync audiences list` shows them"
+                    )
+                if audience.is_archived:
+                    raise ConfigError(
+                        f"audience {key!r} is archived; add it back to the file "
+                        "and `apply` to sync it again"
+                    )
+            if destination_name and not audience_repo.destination_by_name(
+                session, destination_name
+            ):
+                raise NotFoundError(f"no destination named {destination_name!r}")
+            found = audience_repo.pairs(
+                session,
+                audience_keys=list(audience_keys) or None,
+                destination_name=destination_name,
+            )
+            return [pair.id for pair in found]
+
+    def check_destinations(self, name: str | None = None) -> list[tuple[str, bool, str]]:
+        """(destination, ok, message) for each destination (or the named one)."""
+        with self._ctx.unit_of_work() as session:
+            found = audience_repo.destinations_by_name(session)
+            if name is not None and name not in found:
+                raise NotFoundError(f"no destination named {name!r}")
+            targets = [
+                (d.name, dict(d.settings)) for d in found.values() if name is None or d.name == name
+            ]
+        results = []
+        for destination, template in targets:
+            try:
+                client = self._ctx.destinations.get(destination, template)
+                results.append((destination, True, client.check()))
+            except (DestinationError, ConfigError) as exc:
+                results.append((destination, False, str(exc)))
+        return results
+
+    def status(self) -> list[PairStatus]:
+        """Every active pair: its last run, when it is next due, whether a run holds it."""
+        now = self._ctx.clock()
+        with self._ctx.unit_of_work() as session:
+            started = run_repo.last_started(session)
+            latest = run_repo.latest_runs(session)
+            result = []
+            for pair in audience_repo.pairs(session):
+                key = (pair.audience_id, pair.destination_id)
+                run = latest.get(key)
+                result.append(
+                    PairStatus(
+                        pair_id=pair.id,
+                        audience_key=pair.audience.key,
+                        destination=pair.destination.name,
+                        schedule=pair.audience.schedule,
+                        last_run_id=run.id if run else None,
+                        last_status=run.status if run else None,
+                        last_started_at=run.started_at if run else None,
+                        next_due_at=next_due(
+                            parse_schedule(pair.audience.schedule), started.get(key), now=now
+                        ),
+                        is_running=pair.lock_owner is not None
+                        and pair.lock_expires_at is not None
+                        and pair.lock_expires_at > now,
+                    )
+                )
+        return result
+
+    def due_pairs(self) -> list[int]:
+        """Pairs whose schedule says they should run now and that no run holds."""
+        rows = self.status()
+        # Read the clock after status(): a pair that never ran is due at status()'s own now.
+        now = self._ctx.clock()
+        return [p.pair_id for p in rows if p.next_due_at <= now and not p.is_running]
+
+    def is_due(self, pair_id: int) -> bool:
+        """Whether the pair's schedule says it should run now (held by a run or not)."""
+        rows = self.status()
+        now = self._ctx.clock()
+        return any(p.pair_id == pair_id and p.next_due_at <= now for p in rows)
+
+    # ----------------------------------------------------------------- reads the CLI shows
+
+    def history(
+        self, *, audience_key: str | None = None, limit: int = 20
+    ) -> list[tuple[SyncRun, str, str]]:
+        """The latest runs, newest first, with (audience key, destination name)."""
+        with self._ctx.unit_of_work() as session:
+            return list(run_repo.history(session, audience_key=audience_key, limit=limit))
+
+    def run_details(
+        self, run_id: int, *, failures_limit: int = 1000
+    ) -> tuple[SyncRun, str, str, list[DeliveryFailure]]:
+        """One run, its (audience key, destination name) and its rejected calls."""
+        with self._ctx.unit_of_work() as session:
+            run = run_repo.get_run(session, run_id)
+            if run is None:
+                raise NotFoundError(f"no run {run_id}")
+            key, name = audience_repo.names_of_pair(session, run.audience_id, run.destination_id)
+            failures = failure_repo.failures_of_run(session, run_id, limit=failures_limit)
+            return run, key, name, list(failures)
+
+    def failing_members(
+        self, *, audience_key: str | None = None, only_quarantined: bool = True
+    ) -> list[tuple[FailingMember, str, str]]:
+        """Users whose deliveries fail (the quarantined ones by default), with (audience
+        key, destination name)."""
+        with self._ctx.unit_of_work() as session:
+            return list(
+                failure_repo.failing_members(
+                    session, audience_key=audience_key, only_quarantined=only_quarantined
+                )
+            )
