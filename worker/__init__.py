@@ -1,1 +1,39 @@
-"""audience-sync: compute audiences from your own data and keep destinations in sync."""
+"""audience-sync: compute audiences from your own data and keep destinations in sync.
+
+Module map (one line each; the service's parts run top to bottom of a run):
+
+    settings       process settings, read from AUDIENCE_SYNC_* variables at the edges
+    config         the audiences file: load, validate, resolve `${VAR}` references
+    keys           audience keys from names
+    scheduling     schedules ("every 1h", cron) and when a pair is next due
+    sources        audience queries: check, stream rows, clean them into members
+    payloads       the identify call for one user's change
+    batching       cutting identify calls into batches a destination accepts
+    ratelimit      rate-limit parsing and the local and Redis token buckets
+    destinations/  destination clients, one module per destination type
+    pool           destination clients, built once per process and reused
+    db             state database engines, sessions, units of work, migrations
+    domain         the vocabulary: RunStatus, RunMode, Trigger and the service's values
+    context        what the service's parts share (sessions, settings, clock, env, hooks)
+    crashpoints    the crash-point hook: a no-op, or the guarantee tests' kill switch
+    locking        the pair's run lock, its heartbeat, lock-or-skip
+    snapshotting   streaming a source into a snapshot
+    runs           the run lifecycle: open, snapshot, plan, guards; finish, fail
+    delivery       delivering a run's changes page by page and recording the answers
+    archive        archiving an audience: a run against an empty membership
+    catalog        apply a configuration, select pairs, status, checks, reads
+    service        SyncService, the one door the CLI, tasks, demo and bench call
+    runtime        per-process wiring: engine, sessions, destination pool, service
+    celery         the Celery app and its limits
+    tasks          Celery tasks: thin wrappers around the service
+    cli            the `audience-sync` command line
+    demo           the self-contained demo
+    repositories/  every SQL statement, one owner per table:
+      dialect      is_postgresql and the ON CONFLICT insert of each backend
+      audiences    sources, destinations, audiences, pairs and the pair lock
+      snapshots    snapshots and their members
+      changes      run_changes: the diff, pages, chunks
+      synced       synced_members: what each destination accepted
+      failures     failing_members and delivery_failures: rejections, quarantine, doubt
+      runs         sync_runs: runs, counters, outcomes, history
+"""
