@@ -102,19 +102,6 @@ def _print_json(record: object, *, indent: int | None = None) -> None:
     sys.stdout.write(json.dumps(record, indent=indent) + "\n")
 
 
-def _sync_request(
-    *, full: bool, dry_run: bool, allow_mass_exit: bool, retry_quarantined: bool
-) -> SyncRequest:
-    """The request of a manual sync, run here or queued as a Celery task."""
-    return SyncRequest(
-        is_full=full,
-        is_dry_run=dry_run,
-        allow_mass_exit=allow_mass_exit,
-        retry_quarantined=retry_quarantined,
-        trigger="manual",
-    )
-
-
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Create or migrate the state database schema."""
@@ -168,11 +155,12 @@ def sync(
     """Sync audiences now (in this process, or queued with --enqueue)."""
     if keys and all_audiences:
         _fail("give audience keys or --all, not both")
-    request = _sync_request(
-        full=full,
-        dry_run=dry_run,
+    request = SyncRequest(
+        is_full=full,
+        is_dry_run=dry_run,
         allow_mass_exit=allow_mass_exit,
         retry_quarantined=retry_quarantined,
+        trigger="manual",
     )
     with _errors(), _runtime() as runtime:
         pair_ids = runtime.service.select_pairs(

@@ -2,6 +2,7 @@
 from the service's plain values to rich renderables and JSON records, shared by the CLI and
 the demo. Nothing here reads a database or prints."""
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
@@ -22,23 +23,22 @@ STATUS_COLOURS = {
     "skipped": "dim",
     "running": "cyan",
 }
-# The fields `runs show` lists, in order, before its skipped rows and failures.
-RUN_FIELDS = (
-    "id",
-    "audience",
-    "destination",
-    "mode",
-    "trigger",
-    "status",
-    "started_at",
-    "finished_at",
-    "members",
-    "entered",
-    "exited",
-    "sent",
-    "failed",
-    "error",
+# `runs show` lists every field of the run, then its skipped rows (a line of their own).
+RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunRecord) if f.name != "skipped_rows")
+# fmt: off
+HISTORY_COLUMNS = (
+    "run", "audience", "destination", "mode", "trigger", "status", "started", "members",
+    "entered", "exited", "sent", "failed", "error",
 )
+FAILING_USER_COLUMNS = (
+    "audience", "destination", "user", "value", "rejections", "quarantined", "status",
+    "message", "last run",
+)
+STATUS_COLUMNS = (
+    "audience", "destination", "schedule", "last run", "status", "started", "next due",
+    "running",
+)
+# fmt: on
 
 _SummaryColumn = Callable[[RunSummary], str]
 _SUMMARY_COLUMNS: dict[str, _SummaryColumn] = {
@@ -98,21 +98,7 @@ def demo_table(summaries: Sequence[RunSummary]) -> Table:
 
 
 def history_table(records: Sequence[RunRecord]) -> Table:
-    table = Table(
-        "run",
-        "audience",
-        "destination",
-        "mode",
-        "trigger",
-        "status",
-        "started",
-        "members",
-        "entered",
-        "exited",
-        "sent",
-        "failed",
-        "error",
-    )
+    table = Table(*HISTORY_COLUMNS)
     for r in records:
         table.add_row(
             str(r.id),
@@ -130,22 +116,12 @@ def history_table(records: Sequence[RunRecord]) -> Table:
 
 def run_json(record: RunRecord) -> dict[str, Any]:
     """One run as a JSON object (`history --json` prints one a line)."""
+    fields = {field.name: getattr(record, field.name) for field in dataclasses.fields(record)}
     return {
-        "id": record.id,
-        "audience": record.audience,
-        "destination": record.destination,
-        "mode": record.mode,
-        "trigger": record.trigger,
-        "status": record.status,
+        **fields,
         "started_at": record.started_at.isoformat(),
         "finished_at": record.finished_at.isoformat() if record.finished_at else None,
-        "members": record.members,
-        "entered": record.entered,
-        "exited": record.exited,
-        "sent": record.sent,
-        "failed": record.failed,
         "skipped_rows": dict(record.skipped_rows),
-        "error": record.error,
     }
 
 
@@ -188,17 +164,7 @@ def audiences_table(audiences: Sequence[AudienceListing]) -> Table:
 def failing_users_table(users: Sequence[FailingUser]) -> RenderableType:
     if not users:
         return "no quarantined users"
-    table = Table(
-        "audience",
-        "destination",
-        "user",
-        "value",
-        "rejections",
-        "quarantined",
-        "status",
-        "message",
-        "last run",
-    )
+    table = Table(*FAILING_USER_COLUMNS)
     for u in users:
         table.add_row(
             u.audience,
@@ -215,16 +181,7 @@ def failing_users_table(users: Sequence[FailingUser]) -> RenderableType:
 
 
 def status_table(rows: Sequence[PairStatus]) -> Table:
-    table = Table(
-        "audience",
-        "destination",
-        "schedule",
-        "last run",
-        "status",
-        "started",
-        "next due",
-        "running",
-    )
+    table = Table(*STATUS_COLUMNS)
     for row in rows:
         table.add_row(
             row.audience_key,
