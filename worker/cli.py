@@ -21,7 +21,7 @@ from worker.reports import ReportService
 from worker.repositories import runs as run_repo
 from worker.runtime import Runtime, build_runtime
 from worker.service import NoProgress, Progress, SyncRequest
-from worker.settings import Settings, get_settings
+from worker.settings import get_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 db_app = typer.Typer(no_args_is_help=True, help="State database schema.")
@@ -67,21 +67,6 @@ def _progress_factory() -> Progress:
     return _BarProgress() if err_console.is_terminal else NoProgress()
 
 
-@contextmanager
-def _runtime(settings: Settings | None = None) -> Iterator[Runtime]:
-    runtime = build_runtime(settings or get_settings(), progress=_progress_factory)
-    try:
-        yield runtime
-    finally:
-        runtime.close()
-
-
-@contextmanager
-def _reports() -> Iterator[ReportService]:
-    with _errors(), _runtime() as runtime:
-        yield ReportService(session_factory=runtime.sessions)
-
-
 def _fail(message: str, code: int = 2) -> NoReturn:
     # soft_wrap: one line whatever the terminal's width, so it can be grepped and logged.
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
@@ -95,6 +80,24 @@ def _errors() -> Iterator[None]:
         yield
     except AudienceSyncError as exc:
         _fail(str(exc))
+
+
+@contextmanager
+def _runtime() -> Iterator[Runtime]:
+    """This command's runtime, closed on the way out; what the user can fix is told in one
+    line."""
+    with _errors():
+        runtime = build_runtime(get_settings(), progress=_progress_factory)
+        try:
+            yield runtime
+        finally:
+            runtime.close()
+
+
+@contextmanager
+def _reports() -> Iterator[ReportService]:
+    with _runtime() as runtime:
+        yield ReportService(session_factory=runtime.sessions)
 
 
 def _print_json(record: object, *, indent: int | None = None) -> None:
@@ -117,7 +120,7 @@ def apply(
     ] = True,
 ) -> None:
     """Create or update sources, destinations and audiences from FILE (all or nothing)."""
-    with _errors(), _runtime() as runtime:
+    with _runtime() as runtime:
         report = runtime.service.apply(load_config(file), check_queries=check_queries)
     for line in render.apply_lines(report):
         console.print(line)
@@ -162,7 +165,7 @@ def sync(
         retry_quarantined=retry_quarantined,
         trigger="manual",
     )
-    with _errors(), _runtime() as runtime:
+    with _runtime() as runtime:
         pair_ids = runtime.service.select_pairs(
             audience_keys=keys or [], destination_name=destination
         )
@@ -238,7 +241,7 @@ def archive(
     ] = False,
 ) -> None:
     """Archive an audience (no more syncs; history kept)."""
-    with _errors(), _runtime() as runtime:
+    with _runtime() as runtime:
         summaries = runtime.service.archive(key, exit_members=exit_members)
     if summaries:
         console.print(render.summaries_table(summaries))
@@ -250,7 +253,7 @@ def archive(
 @app.command()
 def status() -> None:
     """Per audience and destination: last run, its status, next due time, running or not."""
-    with _errors(), _runtime() as runtime:
+    with _runtime() as runtime:
         rows = runtime.service.status()
     console.print(render.status_table(rows))
 
@@ -260,7 +263,7 @@ def destinations_check(
     name: Annotated[str | None, typer.Argument(help="One destination (default: all).")] = None,
 ) -> None:
     """Check each destination's credentials with its cheapest authenticated call."""
-    with _errors(), _runtime() as runtime:
+    with _runtime() as runtime:
         results = runtime.service.check_destinations(name)
     for destination, is_ok, message in results:
         console.print(render.check_line(destination, is_ok, message), highlight=False)
