@@ -44,6 +44,8 @@ class HttpDestinationClient(DestinationClient, Generic[SettingsT]):
     max_request_bytes: ClassVar[int]
     # The most one encoded call may take; None: whatever fits in a request on its own.
     max_call_bytes: ClassVar[int | None] = None
+    # The rejection of a call over those bounds; `{size}` is its encoded size.
+    too_large: ClassVar[str]
 
     def __init__(
         self,
@@ -88,11 +90,8 @@ class HttpDestinationClient(DestinationClient, Generic[SettingsT]):
     def encode(self, audience: AudienceRef, call: dict[str, Any]) -> bytes | str:
         """One call in the wire format, or the reason it cannot be sent."""
 
-    @abstractmethod
-    def too_large(self, size: int) -> str:
-        """The rejection of a call `size` bytes long when encoded, over the bounds."""
-
-    def answer_rejections(self, body: Any, sent: Sequence[int]) -> list[Rejection]:
+    @staticmethod
+    def answer_rejections(body: Any, sent: Sequence[int]) -> list[Rejection]:
         """The calls an accepted request's answer still rejects (`sent[i]` is the call index
         of the request's item `i`). By default a 2xx accepts every call of the request."""
         return []
@@ -112,7 +111,7 @@ class HttpDestinationClient(DestinationClient, Generic[SettingsT]):
             max_bytes=self.max_request_bytes,
             max_item_bytes=self.max_call_bytes or self.max_request_bytes - overhead,
             overhead=overhead,
-            too_large=self.too_large,
+            too_large=lambda size: self.too_large.format(size=size),
         )
         rejections = [Rejection(index, None, reason) for index, reason in unsendable]
         for batch in batches:

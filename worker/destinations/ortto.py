@@ -109,6 +109,11 @@ class OrttoDestination(HttpDestinationClient[OrttoSettings]):
     max_batch_items = MAX_CONTACTS_PER_REQUEST
     max_request_items = MAX_CONTACTS_PER_REQUEST
     max_request_bytes = MAX_REQUEST_BYTES
+    too_large = (
+        f"contact is {{size}} bytes encoded, over the {MAX_REQUEST_BYTES} bytes sent per request"
+    )
+    answer_rejections = staticmethod(identify_rejections)
+    body_wait = staticmethod(try_in_seconds)
 
     def base_url_for(self, settings: OrttoSettings) -> str:
         return ortto_identify_base_url(settings)
@@ -123,18 +128,6 @@ class OrttoDestination(HttpDestinationClient[OrttoSettings]):
         if not (call.get("userId") or call.get("anonymousId")):
             return NO_USER_ID
         return encode_json(ortto_contact(call))
-
-    def too_large(self, size: int) -> str:
-        return (
-            f"contact is {size} bytes encoded, over the {MAX_REQUEST_BYTES} bytes sent per request"
-        )
-
-    def answer_rejections(self, body: Any, sent: Sequence[int]) -> list[Rejection]:
-        return identify_rejections(body, sent)
-
-    @staticmethod
-    def body_wait(body: Any) -> float | None:
-        return try_in_seconds(body)
 
     def check(self) -> str:
         result = self._http.send("GET", "/me")

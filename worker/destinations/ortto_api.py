@@ -171,6 +171,9 @@ class OrttoApiDestination(HttpDestinationClient[OrttoApiSettings]):
     max_batch_items = 500
     max_request_items = MAX_PEOPLE_PER_REQUEST
     max_request_bytes = MAX_REQUEST_BYTES
+    too_large = "person too large for one request"
+    answer_rejections = staticmethod(merge_rejections)
+    body_wait = staticmethod(try_in_seconds)
 
     @property
     def merge_by(self) -> list[MergeField]:
@@ -208,16 +211,6 @@ class OrttoApiDestination(HttpDestinationClient[OrttoApiSettings]):
         # deliver() has prepared the audience, so its field id is known.
         fields = person_fields(call, audience.key, str(audience.field_id), self.merge_by)
         return fields if isinstance(fields, str) else encode_json({"fields": fields})
-
-    def too_large(self, size: int) -> str:
-        return "person too large for one request"
-
-    def answer_rejections(self, body: Any, sent: Sequence[int]) -> list[Rejection]:
-        return merge_rejections(body, sent)
-
-    @staticmethod
-    def body_wait(body: Any) -> float | None:
-        return try_in_seconds(body)
 
     def check(self) -> str:
         result = self._list_fields()

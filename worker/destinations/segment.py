@@ -41,6 +41,7 @@ class SegmentDestination(HttpDestinationClient[SegmentSettings]):
     max_request_items = MAX_CALLS_PER_REQUEST
     max_request_bytes = MAX_REQUEST_BYTES
     max_call_bytes = MAX_CALL_BYTES
+    too_large = "call is {size} bytes encoded, over Segment's 32 KB per call"
 
     def base_url_for(self, settings: SegmentSettings) -> str:
         return api_root(settings.endpoint)
@@ -55,9 +56,6 @@ class SegmentDestination(HttpDestinationClient[SegmentSettings]):
         if not (call.get("userId") or call.get("anonymousId")):
             return NO_USER_ID
         return encode_json(call)
-
-    def too_large(self, size: int) -> str:
-        return f"call is {size} bytes encoded, over Segment's 32 KB per call"
 
     def check(self) -> str:
         return (
