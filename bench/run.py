@@ -37,9 +37,10 @@ from tests.fixtures.fake_destinations import (
 )
 from worker import db
 from worker.config import load_config
+from worker.domain import PreparedRun, RunSummary, SyncRequest
 from worker.repositories import changes as change_repo
 from worker.runtime import Runtime, build_runtime
-from worker.service import PreparedRun, RunSummary, SyncRequest, SyncService
+from worker.service import SyncService
 from worker.settings import Settings
 
 RESULTS = Path(__file__).resolve().parent / "results.json"

@@ -30,7 +30,7 @@ from tests.fixtures.factories import audience, write_config
 from tests.fixtures.guarantees import wrong_values
 from worker import db
 from worker.config import load_config
-from worker.destinations.base import Destination, Rejection
+from worker.destinations.base import DestinationClient, Rejection
 from worker.destinations.registry import HttpOptions
 from worker.domain import RunSummary, SyncRequest
 from worker.errors import TransientDestinationError
@@ -64,7 +64,7 @@ class Step:
     retry_quarantined: bool
 
 
-class ScriptedDestination(Destination):
+class ScriptedDestination(DestinationClient):
     """Holds the destination's per-user values and fails as the current step says."""
 
     type = "scripted"
@@ -107,7 +107,7 @@ class ScriptedPool(DestinationPool):
         super().__init__(http=HttpOptions())
         self.destination = destination
 
-    def get(self, name: str, template: Mapping[str, Any]) -> Destination:
+    def get(self, name: str, template: Mapping[str, Any]) -> DestinationClient:
         return self.destination
 
 

@@ -11,13 +11,13 @@ import pytest
 from tests.fixtures.databases import ShopSource
 from tests.fixtures.factories import apply_file, audience, write_config
 from worker.context import utcnow
-from worker.destinations.base import Destination as DestinationClient
-from worker.destinations.base import Rejection
+from worker.destinations.base import DestinationClient, Rejection
 from worker.destinations.registry import HttpOptions
 from worker.domain import PreparedRun, RunStatus, SyncRequest
 from worker.errors import TransientDestinationError
 from worker.payloads import AudienceRef
 from worker.pool import DestinationPool
+from worker.reports import ReportService
 from worker.repositories.runs import INTERRUPTED
 from worker.runtime import Runtime
 from worker.service import SyncService
@@ -141,20 +141,24 @@ def test_a_run_looks_its_client_up_once_per_delivered_range(
 
 
 def test_rejected_users_make_a_partial_run_and_are_sent_again(
-    service: SyncService, client: FakeClient, pair: int
+    runtime: Runtime, service: SyncService, client: FakeClient, pair: int
 ) -> None:
+    reports = ReportService(session_factory=runtime.sessions)
     client.rejecting = {"u3": "invalid email"}
     partial = service.sync_pair(pair, SyncRequest())
     assert (partial.status, partial.sent, partial.failed) == (RunStatus.PARTIAL, 4, 1)
     assert partial.error is not None and f"runs show {partial.run_id}" in partial.error
-    _run, _key, _name, failures = service.run_details(partial.run_id)
-    assert [(f.member_id, f.status, f.message) for f in failures] == [("u3", 400, "invalid email")]
+    detail = reports.run(partial.run_id)
+    assert detail is not None
+    assert [(f.user, f.status, f.message) for f in detail.failures] == [
+        ("u3", 400, "invalid email")
+    ]
 
     client.rejecting = {}
     retried = service.sync_pair(pair, SyncRequest())
     assert (retried.status, retried.sent) == (RunStatus.SUCCEEDED, 1)
     assert client.sent_to()[-1] == "u3"
-    assert service.failing_members(only_quarantined=False) == []
+    assert reports.failing_users(only_quarantined=False) == []
 
 
 def test_a_destination_that_stays_down_fails_the_run_and_frees_the_pair(

@@ -3,7 +3,8 @@
 Module map (one line each; the service's parts run top to bottom of a run):
 
     settings       process settings, read from AUDIENCE_SYNC_* variables at the edges
-    config         the audiences file: load, validate, resolve `${VAR}` references
+    envrefs        `${VAR}` references in configuration values: find and resolve them
+    config         the audiences file: load and validate it
     keys           audience keys from names
     scheduling     schedules ("every 1h", cron) and when a pair is next due
     sources        audience queries: check, stream rows, clean them into members
@@ -23,6 +24,8 @@ Module map (one line each; the service's parts run top to bottom of a run):
     archive        archiving an audience: a run against an empty membership
     catalog        apply a configuration, select pairs, status, checks, reads
     service        SyncService, the one door the CLI, tasks, demo and bench call
+    reports        the read side the CLI shows: audiences, history, runs, failures
+    render         how summaries, statuses and runs look (shared by the CLI and the demo)
     runtime        per-process wiring: engine, sessions, destination pool, service
     celery         the Celery app and its limits
     tasks          Celery tasks: thin wrappers around the service

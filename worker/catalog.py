@@ -1,15 +1,13 @@
 """The catalog: apply a configuration, pick the pairs to sync, tell what each pair's schedule
-says, check the destinations, and the reads the CLI shows."""
+says, check the destinations (the other reads are `worker.reports`)."""
 
 from collections.abc import Sequence
 
-from models import DeliveryFailure, FailingMember, SyncRun
 from worker.config import Config, resolve_source_url
 from worker.context import ServiceContext
 from worker.domain import ApplyReport, PairStatus
 from worker.errors import ConfigError, DestinationError, NotFoundError, SourceError
 from worker.repositories import audiences as audience_repo
-from worker.repositories import failures as failure_repo
 from worker.repositories import runs as run_repo
 from worker.scheduling import next_due, parse_schedule
 from worker.sources import check_query
@@ -173,36 +171,3 @@ class Catalog:
         rows = self.status()
         now = self._ctx.clock()
         return any(p.pair_id == pair_id and p.next_due_at <= now for p in rows)
-
-    # ----------------------------------------------------------------- reads the CLI shows
-
-    def history(
-        self, *, audience_key: str | None = None, limit: int = 20
-    ) -> list[tuple[SyncRun, str, str]]:
-        """The latest runs, newest first, with (audience key, destination name)."""
-        with self._ctx.unit_of_work() as session:
-            return list(run_repo.history(session, audience_key=audience_key, limit=limit))
-
-    def run_details(
-        self, run_id: int, *, failures_limit: int = 1000
-    ) -> tuple[SyncRun, str, str, list[DeliveryFailure]]:
-        """One run, its (audience key, destination name) and its rejected calls."""
-        with self._ctx.unit_of_work() as session:
-            run = run_repo.get_run(session, run_id)
-            if run is None:
-                raise NotFoundError(f"no run {run_id}")
-            key, name = audience_repo.names_of_pair(session, run.audience_id, run.destination_id)
-            failures = failure_repo.failures_of_run(session, run_id, limit=failures_limit)
-            return run, key, name, list(failures)
-
-    def failing_members(
-        self, *, audience_key: str | None = None, only_quarantined: bool = True
-    ) -> list[tuple[FailingMember, str, str]]:
-        """Users whose deliveries fail (the quarantined ones by default), with (audience
-        key, destination name)."""
-        with self._ctx.unit_of_work() as session:
-            return list(
-                failure_repo.failing_members(
-                    session, audience_key=audience_key, only_quarantined=only_quarantined
-                )
-            )

@@ -7,8 +7,7 @@ from datetime import datetime
 from sqlalchemy.orm import Session
 
 from worker.context import ServiceContext
-from worker.destinations.base import Destination as DestinationClient
-from worker.destinations.base import Rejection
+from worker.destinations.base import DestinationClient, Rejection
 from worker.domain import PreparedRun, Progress, RunSummary
 from worker.errors import DestinationError
 from worker.locking import LOST_LOCK, heartbeat, still_held

@@ -10,7 +10,6 @@ from datetime import datetime
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import DeliveryFailure, FailingMember, SyncRun
 from worker.archive import Archiver
 from worker.catalog import Catalog
 from worker.config import Config
@@ -87,21 +86,6 @@ class SyncService:
     def is_due(self, pair_id: int) -> bool:
         return self._catalog.is_due(pair_id)
 
-    def history(
-        self, *, audience_key: str | None = None, limit: int = 20
-    ) -> list[tuple[SyncRun, str, str]]:
-        return self._catalog.history(audience_key=audience_key, limit=limit)
-
-    def run_details(self, run_id: int) -> tuple[SyncRun, str, str, list[DeliveryFailure]]:
-        return self._catalog.run_details(run_id)
-
-    def failing_members(
-        self, *, audience_key: str | None = None, only_quarantined: bool = True
-    ) -> list[tuple[FailingMember, str, str]]:
-        return self._catalog.failing_members(
-            audience_key=audience_key, only_quarantined=only_quarantined
-        )
-
     # ----------------------------------------------------------------- runs
 
     def sync_pair(self, pair_id: int, request: SyncRequest) -> RunSummary:
@@ -155,7 +139,3 @@ class SyncService:
         self, key: str, *, exit_members: bool, trigger: Trigger | str = Trigger.MANUAL
     ) -> list[RunSummary]:
         return self._archiver.archive(key, exit_members=exit_members, trigger=Trigger(trigger))
-
-
-# Names the CLI, the demo and the benchmark import from here; their home is worker.domain.
-__all__ = ["NoProgress", "PreparedRun", "Progress", "RunSummary", "SyncRequest", "SyncService"]
