@@ -30,3 +30,21 @@ def test_downgrade_to_nothing_and_back(tmp_path: Path) -> None:
     engine = create_engine(url)
     assert "sync_runs" in inspect(engine).get_table_names()
     engine.dispose()
+
+
+def test_the_latest_migration_goes_down_and_up_on_both_backends(state_url: str) -> None:
+    """0003 adds resends_owed and drops pending_chunks; its downgrade undoes both."""
+
+    def columns(table: str) -> set[str]:
+        engine = create_engine(state_url)
+        names = {c["name"] for c in inspect(engine).get_columns(table)}
+        engine.dispose()
+        return names
+
+    db.downgrade(state_url, "0002")
+    assert "pending_chunks" in columns("sync_runs")
+    assert "resends_owed" not in columns("failing_members")
+    db.upgrade(state_url)
+    assert "pending_chunks" not in columns("sync_runs")
+    assert "resends_owed" in columns("failing_members")
+    test_models_match_migrations(state_url)

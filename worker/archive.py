@@ -7,7 +7,6 @@ from worker.delivery import Delivery
 from worker.domain import (
     NoProgress,
     PairScope,
-    PreparedRun,
     RunStatus,
     RunSummary,
     SyncRequest,
@@ -63,16 +62,7 @@ class Archiver:
             scope = PairScope(audience_id, destination_id, snapshot_id)
             _, to_exit = change_repo.plan_run_changes(session, scope, opened.run_id)
             run_repo.update_run(session, opened.run_id, snapshot_id=snapshot_id, exited=to_exit)
-        prepared = PreparedRun(
-            run_id=opened.run_id,
-            pair_id=pair_id,
-            audience=opened.audience,
-            destination_id=destination_id,
-            destination_name=opened.destination_name,
-            snapshot_id=snapshot_id,
-            is_full=False,
-            lock_owner=opened.owner,
-            to_enter=0,
-            to_exit=to_exit,
+        prepared = opened.prepared(
+            opened.audience, snapshot_id, is_full=False, to_enter=0, to_exit=to_exit
         )
         return self._delivery.deliver_run(prepared, NoProgress())

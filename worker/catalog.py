@@ -25,25 +25,8 @@ class Catalog:
         now = self._ctx.clock()
         report = ApplyReport()
         with self._ctx.unit_of_work() as session:
-            sources = audience_repo.sources_by_name(session)
-            for spec in config.sources:
-                audience_repo.save_source(
-                    session,
-                    sources,
-                    name=spec.name,
-                    url=spec.url,
-                    timeout=spec.statement_timeout_seconds,
-                )
-            destinations = audience_repo.destinations_by_name(session)
-            for dspec in config.destinations:
-                audience_repo.save_destination(
-                    session,
-                    destinations,
-                    name=dspec.name,
-                    type_=dspec.type,
-                    settings=dspec.settings,
-                )
-            session.flush()
+            sources = audience_repo.save_sources(session, config.sources)
+            destinations = audience_repo.save_destinations(session, config.destinations)
             existing = {a.key: a for a in audience_repo.all_audiences(session)}
             for aspec in config.audiences:
                 audience = existing.pop(aspec.key, None)

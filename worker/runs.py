@@ -59,6 +59,35 @@ class OpenedRun:
     max_exit_fraction: float
     started: float  # time.monotonic() when the run was asked for
 
+    def prepared(
+        self,
+        audience: AudienceRef,
+        snapshot_id: int,
+        *,
+        is_full: bool,
+        to_enter: int,
+        to_exit: int,
+        snapshot_seconds: float = 0.0,
+        diff_seconds: float = 0.0,
+        has_failing_members: bool = True,
+    ) -> PreparedRun:
+        """The run, ready to deliver its planned changes."""
+        return PreparedRun(
+            self.run_id,
+            self.pair_id,
+            audience,
+            self.destination_id,
+            self.destination_name,
+            snapshot_id,
+            is_full,
+            self.owner,
+            to_enter,
+            to_exit,
+            snapshot_seconds,
+            diff_seconds,
+            has_failing_members,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Plan:
@@ -116,15 +145,10 @@ class RunLifecycle:
         except (DestinationError, ConfigError) as exc:
             return self._end(opened, RunStatus.FAILED, str(exc))
         self._ctx.crash_point("before_delivery")
-        return PreparedRun(
-            run_id=opened.run_id,
-            pair_id=pair_id,
-            audience=audience,
-            destination_id=opened.destination_id,
-            destination_name=opened.destination_name,
-            snapshot_id=snapshot.snapshot_id,
+        return opened.prepared(
+            audience,
+            snapshot.snapshot_id,
             is_full=request.is_full,
-            lock_owner=opened.owner,
             to_enter=plan.to_enter,
             to_exit=plan.to_exit,
             snapshot_seconds=snapshot.seconds,

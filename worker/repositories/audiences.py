@@ -8,6 +8,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, joinedload
 
 from models import Audience, AudienceDestination, Destination, Source
+from worker.config import DestinationSpec, SourceSpec
 
 
 def sources_by_name(session: Session) -> dict[str, Source]:
@@ -161,33 +162,27 @@ def destination_settings(session: Session, destination_id: int) -> tuple[str, di
     return destination.name, dict(destination.settings)
 
 
-def save_source(
-    session: Session, known: dict[str, Source], *, name: str, url: str, timeout: float
-) -> Source:
-    """Create or update the named source; `known` (by name) is kept up to date."""
-    source = known.get(name) or Source(name=name)
-    source.url = url
-    source.statement_timeout_seconds = timeout
-    session.add(source)
-    known[name] = source
-    return source
+def save_sources(session: Session, specs: Sequence[SourceSpec]) -> dict[str, Source]:
+    """Create or update each source; every source by name (those not in `specs` too)."""
+    known = sources_by_name(session)
+    for spec in specs:
+        source = known.setdefault(spec.name, Source(name=spec.name))
+        source.url = spec.url
+        source.statement_timeout_seconds = spec.statement_timeout_seconds
+        session.add(source)
+    session.flush()
+    return known
 
 
-def save_destination(
-    session: Session,
-    known: dict[str, Destination],
-    *,
-    name: str,
-    type_: str,
-    settings: dict[str, Any],
-) -> Destination:
-    """Create or update the named destination; `known` (by name) is kept up to date."""
-    destination = known.get(name) or Destination(name=name)
-    destination.type = type_
-    destination.settings = settings
-    session.add(destination)
-    known[name] = destination
-    return destination
+def save_destinations(session: Session, specs: Sequence[DestinationSpec]) -> dict[str, Destination]:
+    """Create or update each destination; every destination by name."""
+    known = destinations_by_name(session)
+    for spec in specs:
+        destination = known.setdefault(spec.name, Destination(name=spec.name))
+        destination.type, destination.settings = spec.type, spec.settings
+        session.add(destination)
+    session.flush()
+    return known
 
 
 def create_audience(session: Session, *, key: str, now: datetime, **values: Any) -> Audience:
