@@ -1,5 +1,5 @@
-"""Delivering a started run: its planned changes, page by page, each page's answer recorded
-with the synced state it moves."""
+"""Delivering a started run: in this process or fanned out in chunks; its planned changes
+go page by page, each page's answer recorded with the synced state it moves."""
 
 from collections.abc import Sequence
 from datetime import datetime
@@ -8,7 +8,14 @@ from sqlalchemy.orm import Session
 
 from worker.context import ServiceContext
 from worker.destinations.base import DestinationClient, Rejection
-from worker.domain import PreparedRun, Progress, RunSummary
+from worker.domain import (
+    FanOut,
+    PreparedRun,
+    Progress,
+    RunSummary,
+    SyncRequest,
+    chunk_ranges,
+)
 from worker.errors import DestinationError
 from worker.locking import LOST_LOCK, heartbeat, still_held
 from worker.payloads import Change, identify_call
@@ -24,6 +31,29 @@ class Delivery:
     def __init__(self, ctx: ServiceContext, runs: RunLifecycle) -> None:
         self._ctx = ctx
         self._runs = runs
+
+    def sync_pair(self, pair_id: int, request: SyncRequest) -> RunSummary:
+        """Start a run and deliver it in this process."""
+        prepared = self._runs.start_run(pair_id, request)
+        if isinstance(prepared, RunSummary):
+            return prepared
+        return self.deliver_run(prepared)
+
+    def start_sync(self, pair_id: int, request: SyncRequest) -> RunSummary | FanOut:
+        """Start a run for the Celery workers. A run with fewer changes than one chunk is
+        delivered and closed here; a larger one comes back with its chunks, for workers to
+        deliver in parallel (`deliver_range` each) and to close once all are done."""
+        prepared = self._runs.start_run(pair_id, request)
+        if isinstance(prepared, RunSummary):
+            return prepared
+        chunk_size = self._ctx.settings.chunk_size
+        if prepared.to_enter + prepared.to_exit < chunk_size:
+            return self.deliver_run(prepared)
+        with self._ctx.unit_of_work() as session:
+            boundaries = change_repo.chunk_boundaries(
+                session, prepared.run_id, chunk_size=chunk_size
+            )
+        return FanOut(prepared, chunk_ranges(boundaries))
 
     def deliver_run(self, prepared: PreparedRun, progress: Progress | None = None) -> RunSummary:
         """Deliver every change of a prepared run in this process, then close the run."""

@@ -26,10 +26,8 @@ from worker.domain import (
     RunSummary,
     SyncRequest,
     Trigger,
-    chunk_ranges,
 )
 from worker.pool import DestinationPool
-from worker.repositories import changes as change_repo
 from worker.runs import RunLifecycle
 from worker.settings import Settings
 
@@ -90,26 +88,11 @@ class SyncService:
 
     def sync_pair(self, pair_id: int, request: SyncRequest) -> RunSummary:
         """Run one sync of one (audience, destination) pair in this process."""
-        prepared = self._runs.start_run(pair_id, request)
-        if isinstance(prepared, RunSummary):
-            return prepared
-        return self._delivery.deliver_run(prepared)
+        return self._delivery.sync_pair(pair_id, request)
 
     def start_sync(self, pair_id: int, request: SyncRequest) -> RunSummary | FanOut:
-        """Start a sync for the Celery workers. A run with fewer changes than one chunk is
-        delivered and closed here; a larger one comes back with its chunks, for workers to
-        deliver in parallel (`deliver_range` each) and to close once all are done."""
-        prepared = self._runs.start_run(pair_id, request)
-        if isinstance(prepared, RunSummary):
-            return prepared
-        chunk_size = self._ctx.settings.chunk_size
-        if prepared.to_enter + prepared.to_exit < chunk_size:
-            return self._delivery.deliver_run(prepared)
-        with self._ctx.unit_of_work() as session:
-            boundaries = change_repo.chunk_boundaries(
-                session, prepared.run_id, chunk_size=chunk_size
-            )
-        return FanOut(prepared, chunk_ranges(boundaries))
+        """Start a sync for the Celery workers: delivered here, or fanned out in chunks."""
+        return self._delivery.start_sync(pair_id, request)
 
     def start_run(self, pair_id: int, request: SyncRequest) -> PreparedRun | RunSummary:
         return self._runs.start_run(pair_id, request)
