@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
 from sqlalchemy import (
+    BindParameter,
     Column,
     ColumnElement,
     FromClause,
@@ -28,6 +29,8 @@ from sqlalchemy import (
     Subquery,
     Table,
     and_,
+    bindparam,
+    cast,
     func,
     literal,
     not_,
@@ -243,8 +246,14 @@ def _window(timestamp: Column[Any], window: Window, now: datetime) -> list[Colum
         utc = value.astimezone(UTC)
         return utc if aware else utc.replace(tzinfo=None)
 
-    oldest, newest = moment(now - window.oldest), moment(now - window.newest)
-    return [timestamp >= oldest, timestamp <= newest]
+    def bound(name: str, value: datetime) -> BindParameter[Any]:
+        return bindparam(name, moment(value), type_=timestamp.type, unique=True)
+
+    newest = "now" if not window.newest else "window_end"
+    return [
+        timestamp >= bound("window_start", now - window.oldest),
+        timestamp <= bound(newest, now - window.newest),
+    ]
 
 
 def _trait(rule: Trait, key: ColumnElement[Any], context: _Context) -> ColumnElement[bool]:
@@ -306,8 +315,12 @@ def _in_audience(
     if isinstance(other, str):
         if context.is_anonymous:  # a SQL audience is matched by user id only
             return not_(true())
-        query = text(other).columns(sql_column("user_id")).subquery(f"audience_{len(context.path)}")
-        return _among(key, select(query.c.user_id).where(query.c.user_id.is_not(null())))
+        # On lines of its own: a `--` comment ending the query must not hide the `)`.
+        sql = "\n" + other.strip().rstrip(";") + "\n"
+        query = text(sql).columns(sql_column("user_id")).subquery(f"audience_{len(context.path)}")
+        # Cast: a SQL audience may return numeric ids where the users table keeps text.
+        user_id = cast(query.c.user_id, context.layout.users.c["id"].type)
+        return _among(key, select(user_id).where(query.c.user_id.is_not(null())))
     inner = _Context(
         context.layout,
         context.now,
