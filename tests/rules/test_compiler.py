@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, inspect, text
 
 from tests.rules.evaluator import Dataset
-from tests.rules.warehouse import load, warehouse
+from tests.rules.warehouse import load, metadata, warehouse
 from worker.errors import ConfigError, SourceError
 from worker.rules.compiler import compile_audience, render_sql
 from worker.rules.grammar import Rule, parse_rules
@@ -227,3 +227,22 @@ def test_cycles_of_in_audience_are_refused(
             parsed["this"], layout, now=NOW, audience="this", resolve=parsed.__getitem__
         )
     assert message in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "dialect", [pytest.param("postgresql", marks=pytest.mark.postgres), "duckdb"]
+)
+def test_the_tables_of_the_layouts_schema_are_read(dialect: str, tmp_path: Path) -> None:
+    with warehouse(dialect, tmp_path) as engine:
+        with engine.begin() as connection:
+            connection.execute(text("CREATE SCHEMA analytics"))
+        in_schema = engine.execution_options(schema_translate_map={None: "analytics"})
+        metadata.create_all(in_schema)
+        load(in_schema, Dataset(users=[{"id": "u7", "email": None, "plan": "pro", "age": 3}]))
+        layout = reflect_layout(engine, LayoutSpec(schema="analytics"))
+        query = compile_audience(
+            parse_rules({"trait": {"plan": {"eq": "pro"}}}), layout, now=NOW, audience="this"
+        )
+        assert "analytics" in render_sql(query, engine.dialect)[0]
+        with engine.connect() as connection:
+            assert connection.execute(query).all() == [("u7", None)]

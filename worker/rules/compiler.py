@@ -16,11 +16,12 @@ negates a whole rule, per member. Text comparisons follow the database's collati
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
 from sqlalchemy import (
+    CTE,
     BindParameter,
     Column,
     ColumnElement,
@@ -73,6 +74,7 @@ class _Context:
     resolve: AudienceResolver
     path: tuple[str, ...]  # audiences being compiled, outermost first: a repeat is a cycle
     is_anonymous: bool  # keyed by anonymous id (the anonymous part of the universe)
+    stitched: CTE  # computed once per query, however many events the rules name
 
 
 def compile_audience(
@@ -93,7 +95,7 @@ def compile_audience(
     """
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
-    context = _Context(layout, now, resolve or _no_audiences, (audience,), False)
+    context = _Context(layout, now, resolve or _no_audiences, (audience,), False, _stitch(layout))
     users = layout.users
     email = users.c["email"] if "email" in users.c else null()
     known = users.c["id"]
@@ -105,7 +107,7 @@ def compile_audience(
     if not include_anonymous:
         return identified
     anonymous = _unstitched_anonymous_ids(layout, layout.tracks).subquery("anonymous_ids")
-    anonymous_context = _Context(layout, now, context.resolve, context.path, True)
+    anonymous_context = replace(context, is_anonymous=True)
     unknown = select(
         null().label("user_id"),
         null().label("email"),
@@ -154,7 +156,7 @@ def _performed(rule: Performed, key: ColumnElement[Any], context: _Context) -> C
     layout = context.layout
     events = layout.event_table(rule.event)
     what = f"performed {rule.event!r}"
-    person, source, filters = _event_person(layout, events, context.is_anonymous)
+    person, source, filters = _event_person(context, events)
     filters += [_condition(layout, events, c, what) for c in rule.where]
     if rule.window is not None:
         filters += _window(events.c["timestamp"], rule.window, context.now)
@@ -177,17 +179,17 @@ def _among(key: ColumnElement[Any], keys: Select[Any]) -> ColumnElement[bool]:
 
 
 def _event_person(
-    layout: Layout, events: Table, is_anonymous: bool
+    context: _Context, events: Table
 ) -> tuple[ColumnElement[Any], FromClause, list[ColumnElement[bool]]]:
     """Who an event row counts for, the FROM clause that tells it, and the rows that count."""
-    if is_anonymous:
+    if context.is_anonymous:
         anonymous_id = events.c["anonymous_id"]
         return (
             anonymous_id,
             events,
-            [events.c["user_id"].is_(null()), _unstitched(layout, anonymous_id)],
+            [events.c["user_id"].is_(null()), _unstitched(context.layout, anonymous_id)],
         )
-    stitch = _stitch(layout)
+    stitch = context.stitched
     source = events.outerjoin(
         stitch,
         and_(events.c["user_id"].is_(null()), events.c["anonymous_id"] == stitch.c.anonymous_id),
@@ -196,7 +198,7 @@ def _event_person(
     return person, source, [person.is_not(null())]
 
 
-def _stitch(layout: Layout) -> Subquery:
+def _stitch(layout: Layout) -> CTE:
     """anonymous_id -> user_id of the latest identifies row carrying both."""
     identifies = layout.identifies
     order = [identifies.c["user_id"].desc()]
@@ -216,7 +218,7 @@ def _stitch(layout: Layout) -> Subquery:
     return (
         select(ranked.c.anonymous_id, ranked.c.user_id)
         .where(ranked.c.position == 1)
-        .subquery("stitched")
+        .cte("stitched")
     )
 
 
@@ -321,13 +323,7 @@ def _in_audience(
         # Cast: a SQL audience may return numeric ids where the users table keeps text.
         user_id = cast(query.c.user_id, context.layout.users.c["id"].type)
         return _among(key, select(user_id).where(query.c.user_id.is_not(null())))
-    inner = _Context(
-        context.layout,
-        context.now,
-        context.resolve,
-        (*context.path, rule.audience),
-        context.is_anonymous,
-    )
+    inner = replace(context, path=(*context.path, rule.audience))
     return _among(key, _members(other, inner))
 
 
