@@ -75,15 +75,16 @@ def evaluate(
 
 def _stitch(data: Dataset) -> dict[str, str]:
     """anonymous id -> user id of its latest identifies row (ties: the greatest user id)."""
-    best: dict[str, tuple[datetime, str]] = {}
+    best: dict[str, tuple[bool, datetime, str]] = {}
     for row in data.identifies:
         anonymous, user = row["anonymous_id"], row["user_id"]
         if anonymous is None or user is None:
             continue
-        candidate = (row["timestamp"], user)
+        moment = row["timestamp"]  # a row without one is older than any with one
+        candidate = (moment is not None, moment or datetime.min, user)
         if anonymous not in best or candidate > best[anonymous]:
             best[anonymous] = candidate
-    return {anonymous: user for anonymous, (_, user) in best.items()}
+    return {anonymous: user for anonymous, (_, _, user) in best.items()}
 
 
 def _holds(

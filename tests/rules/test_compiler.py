@@ -16,6 +16,7 @@ from worker.rules.layout import (
     Layout,
     LayoutSpec,
     column_name_of_property,
+    parse_layout_spec,
     reflect_layout,
     table_name_of_event,
 )
@@ -246,3 +247,35 @@ def test_the_tables_of_the_layouts_schema_are_read(dialect: str, tmp_path: Path)
         assert "analytics" in render_sql(query, engine.dialect)[0]
         with engine.connect() as connection:
             assert connection.execute(query).all() == [("u7", None)]
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"url": "sqlite://", "layout": "segment"}, LayoutSpec()),
+        (
+            {"layout": "segment", "schema": "analytics", "users": "people", "tracks": "events"},
+            LayoutSpec(schema="analytics", users="people", tracks="events"),
+        ),
+    ],
+)
+def test_layout_settings_parse(data: object, expected: LayoutSpec) -> None:
+    assert parse_layout_spec(data) == expected
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            {"url": "sqlite://"},
+            "source: rule audiences need a source with a layout; valid layouts: ",
+        ),
+        ({"layout": "rudder"}, "unknown layout 'rudder'; valid layouts: segment"),
+        ({"layout": "segment", "schema": 5}, "source.schema: expected a name, got 5"),
+        ("segment", "source: expected a mapping with `layout: segment`"),
+    ],
+)
+def test_bad_layout_settings_are_refused(data: object, message: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        parse_layout_spec(data)
+    assert message in str(raised.value)

@@ -50,7 +50,9 @@ offsets = st.one_of(
 )
 moments = offsets.map(lambda offset: NAIVE_NOW + offset)
 # Few identify times, so that one anonymous id is often identified twice at the same time.
-identify_moments = st.sampled_from([NAIVE_NOW - timedelta(days=2), NAIVE_NOW - timedelta(hours=2)])
+identify_moments = st.sampled_from(
+    [None, NAIVE_NOW - timedelta(days=2), NAIVE_NOW - timedelta(hours=2)]
+)
 words = st.none() | st.sampled_from(WORDS)
 numbers = st.none() | st.sampled_from(NUMBERS)
 

@@ -5,11 +5,11 @@ with `include_anonymous`). Every value is a bound parameter, "now" (the run's st
 included; every identifier comes from reflection.
 
 Identity: an event counts for its `user_id`; an event with only an `anonymous_id` counts for
-the user of the latest `identifies` row (by `timestamp`, then the greatest `user_id`) that
-carried that anonymous id and a user id. The universe that negations work in is the `users`
-table, plus, with `include_anonymous`, the anonymous ids of `tracks` rows that no
-`identifies` row ties to a user. Members are compiled twice over that universe: once keyed by
-user id, once keyed by anonymous id, so the two kinds of ids never mix.
+the user of the latest `identifies` row (by `timestamp`, rows without one the oldest, then the
+greatest `user_id`) that carried that anonymous id and a user id. The universe negations work
+in is the `users` table, plus, with `include_anonymous`, the anonymous ids of `tracks` rows
+that no `identifies` row ties to a user. Members are compiled twice over that universe: once
+keyed by user id, once keyed by anonymous id, so the two kinds of ids never mix.
 
 A comparison with a NULL property or trait is false (`ne` and `not_in` included); `not`
 negates a whole rule, per member. Text comparisons follow the database's collation.
@@ -31,6 +31,7 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
+    case,
     cast,
     func,
     literal,
@@ -201,9 +202,11 @@ def _event_person(
 def _stitch(layout: Layout) -> CTE:
     """anonymous_id -> user_id of the latest identifies row carrying both."""
     identifies = layout.identifies
-    order = [identifies.c["user_id"].desc()]
+    order: list[ColumnElement[Any]] = [identifies.c["user_id"].desc()]
     if "timestamp" in identifies.c:
-        order.insert(0, identifies.c["timestamp"].desc())
+        moment = identifies.c["timestamp"]
+        # Not NULLS LAST, which MySQL lacks: where NULLs sort differs between databases.
+        order[:0] = [case((moment.is_(null()), 1), else_=0), moment.desc()]
     ranked = (
         select(
             identifies.c["anonymous_id"].label("anonymous_id"),

@@ -5,9 +5,14 @@ snake_casing the event name (`Order Completed` -> `order_completed`) whose colum
 event's properties, snake_cased too, `identifies` (anonymous id to user id, with traits) and
 `users` (the latest traits per user). Rules name events and properties as sent; this module
 turns those names into the reflected tables and columns, or refuses them naming what exists.
+
+Indexes the compiled queries use: on each event table `(user_id, timestamp)` and
+`(anonymous_id)`; on `identifies` `(anonymous_id, timestamp)`; on `users` `(id)`; on
+`tracks` `(anonymous_id)` when anonymous members are included.
 """
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -22,6 +27,7 @@ from worker.rules.grammar import PRESENCE, TEXT_MATCHES, Condition, Scalar
 # Columns every event table has (besides its properties), as Segment writes them.
 EVENT_COLUMNS = ("user_id", "anonymous_id", "timestamp")
 LAYOUTS = ("segment",)
+_SPEC_KEYS = ("layout", "schema", "tracks", "identifies", "users")
 
 
 class ValueKind(StrEnum):
@@ -111,6 +117,22 @@ class Layout:
 
     def _in_schema(self) -> str:
         return f" in schema {self.spec.schema!r}" if self.spec.schema else ""
+
+
+def parse_layout_spec(data: object, *, at: str = "source") -> LayoutSpec:
+    """A source's layout settings (`layout`, `schema`, `tracks`, `identifies`, `users`) from
+    its configuration mapping; other keys of the mapping (url, ...) are not looked at."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{at}: expected a mapping with `layout: segment`")
+    settings = {key: data[key] for key in _SPEC_KEYS if key in data}
+    if "layout" not in settings:
+        raise ConfigError(
+            f"{at}: rule audiences need a source with a layout; valid layouts: {', '.join(LAYOUTS)}"
+        )
+    for key, value in settings.items():
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{at}.{key}: expected a name, got {value!r}")
+    return LayoutSpec(**{key: str(value).strip() for key, value in settings.items()})
 
 
 def table_name_of_event(event: str) -> str:
