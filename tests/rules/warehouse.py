@@ -22,9 +22,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql
 
-from tests.fixtures.databases import POSTGRES_URL
 from tests.rules.evaluator import Dataset
 
+POSTGRES_URL = os.environ.get(
+    "AUDIENCE_SYNC_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
 MARIADB_URL = os.environ.get(
     "AUDIENCE_SYNC_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306"
 )
