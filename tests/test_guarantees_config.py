@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.databases import ShopSource
-from tests.fixtures.guarantees import (
+from worker.settings import get_settings
+from worker.testing.databases import ShopSource
+from worker.testing.guarantees import (
     ORTTO_KEY_VARIABLE,
     dump_database,
     error_lines,
     invoke,
     point_cli_at,
 )
-from worker.settings import get_settings
 
 GOOD = """\
 sources:

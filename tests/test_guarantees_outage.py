@@ -15,22 +15,16 @@ import pytest
 from sqlalchemy import select
 
 from models import SyncedMember
-from tests.fixtures.databases import ShopSource
-from tests.fixtures.fake_destinations import FakeDestinations
-from tests.fixtures.guarantees import running_fake, sync_to_fake, wrong_values
 from worker.destinations.ortto import OrttoDestination
 from worker.payloads import AudienceRef
 from worker.runtime import Runtime, build_runtime
 from worker.service import RunSummary, SyncRequest
+from worker.testing.databases import ShopSource
+from worker.testing.fake_destinations import FakeDestinations
+from worker.testing.guarantees import sync_to_fake, wrong_values
 
 KEY = "outage_test"
 ATTEMPTS = 3  # the test settings' max_attempts
-
-
-@pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDestinations]:
-    with running_fake(monkeypatch) as server:
-        yield server
 
 
 @pytest.fixture
