@@ -27,7 +27,7 @@ from sqlalchemy import func, select
 from models import FailingMember, SyncedMember, SyncRun
 from worker import db
 from worker.config import load_config
-from worker.destinations.base import Destination, Rejection
+from worker.destinations.base import DestinationClient, Rejection
 from worker.destinations.registry import HttpOptions
 from worker.errors import TransientDestinationError
 from worker.payloads import AudienceRef
@@ -63,7 +63,7 @@ class Step:
     retry_quarantined: bool
 
 
-class ScriptedDestination(Destination):
+class ScriptedDestination(DestinationClient):
     """Holds the destination's per-user values and fails as the current step says."""
 
     type = "scripted"
@@ -106,7 +106,7 @@ class ScriptedPool(DestinationPool):
         super().__init__(http=HttpOptions())
         self.destination = destination
 
-    def get(self, name: str, template: Mapping[str, Any]) -> Destination:
+    def get(self, name: str, template: Mapping[str, Any]) -> DestinationClient:
         return self.destination
 
 

@@ -6,23 +6,22 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
-from rich.table import Table
 
-from worker import db
+from worker import db, render
 from worker.config import load_config
 from worker.errors import AudienceSyncError
-from worker.repositories import audiences as audience_repo
+from worker.reports import ReportService
 from worker.repositories import runs as run_repo
 from worker.runtime import Runtime, build_runtime
-from worker.service import NoProgress, Progress, RunSummary, SyncRequest
-from worker.settings import Settings, get_settings
+from worker.service import NoProgress, Progress, SyncRequest
+from worker.settings import get_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 db_app = typer.Typer(no_args_is_help=True, help="State database schema.")
@@ -68,16 +67,7 @@ def _progress_factory() -> Progress:
     return _BarProgress() if err_console.is_terminal else NoProgress()
 
 
-@contextmanager
-def _runtime(settings: Settings | None = None) -> Iterator[Runtime]:
-    runtime = build_runtime(settings or get_settings(), progress=_progress_factory)
-    try:
-        yield runtime
-    finally:
-        runtime.close()
-
-
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, code: int = 2) -> NoReturn:
     # soft_wrap: one line whatever the terminal's width, so it can be grepped and logged.
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
@@ -92,11 +82,33 @@ def _errors() -> Iterator[None]:
         _fail(str(exc))
 
 
+@contextmanager
+def _runtime() -> Iterator[Runtime]:
+    """This command's runtime, closed on the way out; what the user can fix is told in one
+    line."""
+    with _errors():
+        runtime = build_runtime(get_settings(), progress=_progress_factory)
+        try:
+            yield runtime
+        finally:
+            runtime.close()
+
+
+@contextmanager
+def _reports() -> Iterator[ReportService]:
+    with _runtime() as runtime:
+        yield ReportService(session_factory=runtime.sessions)
+
+
+def _print_json(record: object, *, indent: int | None = None) -> None:
+    # Plain stdout, not rich: JSON must come out byte for byte, unwrapped and uncoloured.
+    sys.stdout.write(json.dumps(record, indent=indent) + "\n")
+
+
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Create or migrate the state database schema."""
-    settings = get_settings()
-    db.upgrade(settings.database_url)
+    db.upgrade(get_settings().database_url)
     console.print("state database is up to date")
 
 
@@ -108,35 +120,18 @@ def apply(
     ] = True,
 ) -> None:
     """Create or update sources, destinations and audiences from FILE (all or nothing)."""
-    with _errors(), _runtime() as runtime:
-        config = load_config(file)
-        report = runtime.service.apply(config, check_queries=check_queries)
-    for label, keys in (
-        ("created", report.created),
-        ("updated", report.updated),
-        ("archived", report.archived),
-        ("unchanged", report.unchanged),
-    ):
-        if keys:
-            console.print(f"{label}: {', '.join(keys)}")
+    with _runtime() as runtime:
+        report = runtime.service.apply(load_config(file), check_queries=check_queries)
+    for line in render.apply_lines(report):
+        console.print(line)
 
 
 @audiences_app.command("list")
 def audiences_list() -> None:
     """List audiences with their keys, sources, schedules and destinations."""
-    with _errors(), _runtime() as runtime, runtime.sessions() as session:
-        table = Table("key", "name", "source", "schedule", "destinations", "archived")
-        names = {d.id: d.name for d in audience_repo.destinations_by_name(session).values()}
-        for audience in audience_repo.all_audiences(session):
-            table.add_row(
-                audience.key,
-                audience.name,
-                audience.source.name,
-                audience.schedule,
-                ", ".join(names[link.destination_id] for link in audience.links if link.is_enabled),
-                "yes" if audience.is_archived else "",
-            )
-    console.print(table)
+    with _reports() as reports:
+        audiences = reports.audiences()
+    console.print(render.audiences_table(audiences))
 
 
 @app.command()
@@ -170,67 +165,27 @@ def sync(
         retry_quarantined=retry_quarantined,
         trigger="manual",
     )
-    with _errors(), _runtime() as runtime:
+    with _runtime() as runtime:
         pair_ids = runtime.service.select_pairs(
             audience_keys=keys or [], destination_name=destination
         )
         if not pair_ids:
             _fail("nothing to sync: no active audience with an enabled destination matches")
         if enqueue:
-            from worker.tasks import enqueue_sync
-
-            for pair_id in pair_ids:
-                console.print(f"queued task {enqueue_sync(pair_id, request)} (pair {pair_id})")
+            _enqueue(pair_ids, request)
             return
         summaries = [runtime.service.sync_pair(pair_id, request) for pair_id in pair_ids]
-    _print_summaries(summaries)
+    console.print(render.summaries_table(summaries))
     if any(s.status in BAD_STATUSES for s in summaries):
         raise typer.Exit(1)
 
 
-def _print_summaries(summaries: list[RunSummary]) -> None:
-    table = Table(
-        "run",
-        "audience",
-        "destination",
-        "mode",
-        "status",
-        "members",
-        "entered",
-        "exited",
-        "sent",
-        "failed",
-        "seconds",
-        "error",
-    )
-    for s in summaries:
-        table.add_row(
-            str(s.run_id),
-            s.audience_key,
-            s.destination,
-            s.mode,
-            _status(s.status),
-            str(s.members),
-            str(s.entered),
-            str(s.exited),
-            str(s.sent),
-            str(s.failed),
-            f"{s.duration_seconds:.2f}",
-            s.error or "",
-        )
-    console.print(table)
+def _enqueue(pair_ids: list[int], request: SyncRequest) -> None:
+    # Imported here: only --enqueue needs Celery and its broker settings.
+    from worker.tasks import enqueue_sync
 
-
-def _status(status: str) -> str:
-    colour = {
-        "succeeded": "green",
-        "partial": "yellow",
-        "failed": "red",
-        "blocked": "red",
-        "skipped": "dim",
-        "running": "cyan",
-    }.get(status, "white")
-    return f"[{colour}]{status}[/]"
+    for pair_id in pair_ids:
+        console.print(f"queued task {enqueue_sync(pair_id, request)} (pair {pair_id})")
 
 
 @app.command()
@@ -240,65 +195,13 @@ def history(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
 ) -> None:
     """Show the sync history."""
-    with _errors(), _runtime() as runtime, runtime.sessions() as session:
-        rows = run_repo.history(session, audience_key=audience, limit=limit)
-        records = [_run_record(run, key, name) for run, key, name in rows]
+    with _reports() as reports:
+        records = reports.history(audience_key=audience, limit=limit)
     if as_json:
         for record in records:
-            sys.stdout.write(json.dumps(record) + "\n")
-        return
-    table = Table(
-        "run",
-        "audience",
-        "destination",
-        "mode",
-        "trigger",
-        "status",
-        "started",
-        "members",
-        "entered",
-        "exited",
-        "sent",
-        "failed",
-        "error",
-    )
-    for r in records:
-        table.add_row(
-            str(r["id"]),
-            r["audience"],
-            r["destination"],
-            r["mode"],
-            r["trigger"],
-            _status(r["status"]),
-            r["started_at"][:19],
-            str(r["members"]),
-            str(r["entered"]),
-            str(r["exited"]),
-            str(r["sent"]),
-            str(r["failed"]),
-            r["error"] or "",
-        )
-    console.print(table)
-
-
-def _run_record(run: Any, key: str, destination: str) -> dict[str, Any]:
-    return {
-        "id": run.id,
-        "audience": key,
-        "destination": destination,
-        "mode": run.mode,
-        "trigger": run.trigger,
-        "status": run.status,
-        "started_at": run.started_at.isoformat(),
-        "finished_at": run.finished_at.isoformat() if run.finished_at else None,
-        "members": run.members,
-        "entered": run.entered,
-        "exited": run.exited,
-        "sent": run.sent,
-        "failed": run.failed,
-        "skipped_rows": run.skipped_rows,
-        "error": run.error,
-    }
+            _print_json(render.run_json(record))
+    else:
+        console.print(render.history_table(records))
 
 
 @runs_app.command("show")
@@ -307,48 +210,14 @@ def runs_show(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show one run with its skipped rows and per-user failures."""
-    with _errors(), _runtime() as runtime, runtime.sessions() as session:
-        run = run_repo.get_run(session, run_id)
-        if run is None:
-            _fail(f"no run {run_id}")
-        assert run is not None
-        pair_names = audience_repo.names_of_pair(session, run.audience_id, run.destination_id)
-        record = _run_record(run, *pair_names)
-        record["failures"] = [
-            {"user": f.member_id, "value": f.value, "status": f.status, "message": f.message}
-            for f in run_repo.failures_of_run(session, run_id)
-        ]
+    with _reports() as reports:
+        detail = reports.run(run_id)
+    if detail is None:
+        _fail(f"no run {run_id}")
     if as_json:
-        sys.stdout.write(json.dumps(record, indent=2) + "\n")
-        return
-    for name in (
-        "id",
-        "audience",
-        "destination",
-        "mode",
-        "trigger",
-        "status",
-        "started_at",
-        "finished_at",
-        "members",
-        "entered",
-        "exited",
-        "sent",
-        "failed",
-        "error",
-    ):
-        console.print(f"[bold]{name}:[/] {record[name]}", highlight=False)
-    skipped = record["skipped_rows"] or {}
-    console.print(
-        "[bold]skipped_rows:[/] "
-        + (", ".join(f"{reason}={count}" for reason, count in skipped.items()) or "none"),
-        highlight=False,
-    )
-    if record["failures"]:
-        table = Table("user", "value", "status", "message", title="per-user failures")
-        for f in record["failures"]:
-            table.add_row(f["user"], str(f["value"]).lower(), str(f["status"] or ""), f["message"])
-        console.print(table)
+        _print_json(render.run_detail_json(detail), indent=2)
+    else:
+        console.print(*render.run_detail(detail), sep="\n")
 
 
 @app.command()
@@ -359,34 +228,9 @@ def failures(
     ] = False,
 ) -> None:
     """List quarantined users (rejected too many times in a row)."""
-    with _errors(), _runtime() as runtime, runtime.sessions() as session:
-        rows = run_repo.failing_members(
-            session, audience_key=audience, only_quarantined=not all_failing
-        )
-        table = Table(
-            "audience",
-            "destination",
-            "user",
-            "value",
-            "rejections",
-            "quarantined",
-            "status",
-            "message",
-            "last run",
-        )
-        for member, key, name in rows:
-            table.add_row(
-                key,
-                name,
-                member.member_id,
-                str(member.last_value).lower(),
-                str(member.consecutive_failures),
-                "yes" if member.is_quarantined else "",
-                str(member.last_status or ""),
-                member.last_message,
-                str(member.last_run_id),
-            )
-    console.print(table if rows else "no quarantined users")
+    with _reports() as reports:
+        users = reports.failing_users(audience_key=audience, only_quarantined=not all_failing)
+    console.print(render.failing_users_table(users))
 
 
 @app.command()
@@ -397,10 +241,10 @@ def archive(
     ] = False,
 ) -> None:
     """Archive an audience (no more syncs; history kept)."""
-    with _errors(), _runtime() as runtime:
+    with _runtime() as runtime:
         summaries = runtime.service.archive(key, exit_members=exit_members)
     if summaries:
-        _print_summaries(summaries)
+        console.print(render.summaries_table(summaries))
     if any(s.status != run_repo.SUCCEEDED for s in summaries):
         _fail(f"audience {key!r} stays active: not every destination took the exits", 1)
     console.print(f"archived {key}")
@@ -409,30 +253,9 @@ def archive(
 @app.command()
 def status() -> None:
     """Per audience and destination: last run, its status, next due time, running or not."""
-    with _errors(), _runtime() as runtime:
+    with _runtime() as runtime:
         rows = runtime.service.status()
-    table = Table(
-        "audience",
-        "destination",
-        "schedule",
-        "last run",
-        "status",
-        "started",
-        "next due",
-        "running",
-    )
-    for row in rows:
-        table.add_row(
-            row.audience_key,
-            row.destination,
-            row.schedule,
-            str(row.last_run_id or ""),
-            _status(row.last_status) if row.last_status else "never",
-            row.last_started_at.isoformat()[:19] if row.last_started_at else "",
-            row.next_due_at.isoformat()[:19],
-            "yes" if row.is_running else "",
-        )
-    console.print(table)
+    console.print(render.status_table(rows))
 
 
 @destinations_app.command("check")
@@ -440,11 +263,10 @@ def destinations_check(
     name: Annotated[str | None, typer.Argument(help="One destination (default: all).")] = None,
 ) -> None:
     """Check each destination's credentials with its cheapest authenticated call."""
-    with _errors(), _runtime() as runtime:
+    with _runtime() as runtime:
         results = runtime.service.check_destinations(name)
     for destination, is_ok, message in results:
-        mark = "[green]ok[/]" if is_ok else "[red]failed[/]"
-        console.print(f"{destination}: {mark} {message}", highlight=False)
+        console.print(render.check_line(destination, is_ok, message), highlight=False)
     if not all(is_ok for _, is_ok, _ in results):
         raise typer.Exit(1)
 

@@ -1,10 +1,12 @@
 """Loading `audiences.yml`: YAML with line numbers, `${VAR}` interpolation, validation.
 
+Destination settings are checked by the destination registry (the same path a run takes);
+this module adds the file's line numbers to what it reports.
+
 The result is a plain `Config` value; nothing here touches the state database.
 """
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,29 +14,17 @@ from typing import Annotated, Any
 
 import sqlparse
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StringConstraints,
-    TypeAdapter,
-    ValidationError,
-)
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlparse import tokens as sql_tokens
 
-from worker.destinations.settings import (
-    DESTINATION_TYPES,
-    SECRET_FIELDS,
-    DestinationSettings,
-)
+from worker.destinations.registry import DestinationSettingsError, resolve_settings
+from worker.destinations.settings import describe_error
+from worker.envrefs import has_env_ref, resolve_env
 from worker.errors import ConfigError
 from worker.keys import audience_key, validate_pinned_key
 from worker.scheduling import DEFAULT_SCHEDULE, parse_schedule
-
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_DESTINATION_ADAPTER: TypeAdapter[DestinationSettings] = TypeAdapter(DestinationSettings)
 
 
 class _Strict(BaseModel):
@@ -99,67 +89,17 @@ class Config:
     audiences: tuple[AudienceSpec, ...]
 
 
-def resolve_env(value: Any, env: Mapping[str, str], where: str) -> Any:
-    """Replace `${VAR}` in every string of `value` (recursively) from `env`."""
-    if isinstance(value, str):
-
-        def substitute(match: re.Match[str]) -> str:
-            name = match.group(1)
-            resolved = env.get(name)
-            if not resolved:
-                raise ConfigError(
-                    f"environment variable {name} is not set (used by {where}): export it "
-                    "before running audience-sync"
-                )
-            return resolved
-
-        return _ENV_REF.sub(substitute, value)
-    if isinstance(value, dict):
-        return {k: resolve_env(v, env, f"{where}.{k}") for k, v in value.items()}
-    if isinstance(value, list):
-        return [resolve_env(v, env, f"{where}[{i}]") for i, v in enumerate(value)]
-    return value
-
-
-def validate_destination(
-    name: str,
-    template: Mapping[str, Any],
-    env: Mapping[str, str],
-    *,
-    root: yaml.Node | None = None,
-) -> Any:
-    """Resolve and validate one destination's settings; return the typed settings. With
-    the file's YAML `root`, errors name the line."""
-
-    where = f"destinations.{name}"
-
-    def line(*loc: str | int) -> str:
-        number = _line_of(root, ("destinations", name, *loc)) if root is not None else None
-        return f" (line {number})" if number else ""
-
-    kind = template.get("type")
-    if kind not in DESTINATION_TYPES:
-        raise ConfigError(
-            f"{where}{line('type')}: unknown destination type {kind!r}; use one of "
-            f"{', '.join(DESTINATION_TYPES)}"
-        )
-    for field in SECRET_FIELDS & template.keys():
-        if not _ENV_REF.search(str(template[field])):
-            raise ConfigError(
-                f"{where}.{field}{line(field)}: write it as an environment reference such as "
-                f"'${{{name.upper().replace('-', '_')}_{field.upper()}}}'; secrets are never "
-                "stored in the state database"
-            )
-    resolved = resolve_env(dict(template), env, where)
+def check_destination(
+    name: str, template: Mapping[str, Any], env: Mapping[str, str], root: yaml.Node | None
+) -> None:
+    """Resolve and validate one destination's settings as a run will; errors name the line
+    of the file's YAML `root`."""
     try:
-        return _DESTINATION_ADAPTER.validate_python(resolved)
-    except ValidationError as exc:
-        # The first part of the location is the type (the union's tag): leave it out.
-        loc = tuple(exc.errors()[0]["loc"])[1:]
-        message = _describe(exc, hide_input=True, skip=1)
-        raise ConfigError(f"{where}{line(*loc)}: {message}") from None
-    except ConfigError as exc:  # raised by a field's own parser (rate_limit)
-        raise ConfigError(f"{where}{line('rate_limit')}: {exc}") from None
+        resolve_settings(name, template, env)
+    except DestinationSettingsError as exc:
+        number = _line_of(root, ("destinations", name, *exc.loc)) if root is not None else None
+        line = f" (line {number})" if number else ""
+        raise ConfigError(f"{exc.where}{line}: {exc.reason}") from None
 
 
 def resolve_source_url(name: str, template: str, env: Mapping[str, str]) -> str:
@@ -227,7 +167,7 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
         error = exc.errors()[0]
         line = _line_of(root, error["loc"])
         at = f" (line {line})" if line else ""
-        raise ConfigError(f"{path}{at}: {_describe(exc)}") from None
+        raise ConfigError(f"{path}{at}: {describe_error(exc)[1]}") from None
     return _build(model, env, root)
 
 
@@ -235,7 +175,7 @@ def _build(model: ConfigModel, env: Mapping[str, str], root: yaml.Node | None) -
     sources = []
     for name, source in model.sources.items():
         resolved = resolve_source_url(name, source.url, env)
-        if make_url(resolved).password and not _ENV_REF.search(source.url):
+        if make_url(resolved).password and not has_env_ref(source.url):
             raise ConfigError(
                 f"sources.{name}.url holds a password: move the URL into an environment "
                 "variable and write url: '${SHOP_DATABASE_URL}'"
@@ -243,7 +183,7 @@ def _build(model: ConfigModel, env: Mapping[str, str], root: yaml.Node | None) -
         sources.append(SourceSpec(name, source.url, source.statement_timeout))
     destinations = []
     for name, template in model.destinations.items():
-        validate_destination(name, template, env, root=root)
+        check_destination(name, template, env, root)
         destinations.append(DestinationSpec(name, str(template["type"]), dict(template)))
     audiences: list[AudienceSpec] = []
     seen_keys: dict[str, str] = {}
@@ -288,20 +228,6 @@ def _build(model: ConfigModel, env: Mapping[str, str], root: yaml.Node | None) -
             )
         )
     return Config(tuple(sources), tuple(destinations), tuple(audiences))
-
-
-def _describe(exc: ValidationError, *, hide_input: bool = False, skip: int = 0) -> str:
-    error = exc.errors()[0]
-    # "[key]" marks an error in a mapping's key (a name) rather than in its value.
-    location = ".".join(str(part) for part in error["loc"][skip:] if part != "[key]")
-    if error["type"] == "extra_forbidden":
-        return f"unknown key {location!r}"
-    message = error["msg"]
-    if error["type"] == "value_error":
-        message = message.removeprefix("Value error, ")
-    if not hide_input and "input" in error and error["type"] != "missing":
-        message += f" (got {error['input']!r})"
-    return f"{location}: {message}" if location else message
 
 
 def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:

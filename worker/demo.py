@@ -8,9 +8,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
-from worker import db
+from worker import db, render
 from worker.config import load_config
 from worker.runtime import build_runtime
 from worker.service import RunSummary, SyncRequest
@@ -136,33 +135,7 @@ def _count_lines(path: Path) -> int:
 
 
 def _print(console: Console, summaries: list[RunSummary], out: Path) -> None:
-    # Borderless, so that full audience keys fit an 80-column terminal.
-    table = Table(
-        "audience",
-        "mode",
-        "status",
-        "members",
-        "entered",
-        "exited",
-        "sent",
-        title="sync history",
-        box=None,
-        pad_edge=False,
-        padding=(0, 1, 0, 0),
-        collapse_padding=True,
-    )
-    table.columns[0].min_width = max((len(s.audience_key) for s in summaries), default=8)
-    for s in summaries:
-        table.add_row(
-            s.audience_key,
-            s.mode,
-            s.status,
-            str(s.members),
-            str(s.entered),
-            str(s.exited),
-            str(s.sent),
-        )
-    console.print(table)
+    console.print(render.demo_table(summaries))
     values: Counter[str] = Counter()
     with out.open(encoding="utf-8") as handle:
         for line in handle:

@@ -5,10 +5,10 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from worker.config import validate_destination
-from worker.destinations.base import Destination
-from worker.destinations.registry import HttpOptions, build_destination
-from worker.ratelimit import LocalRateLimiter, RateLimit, RateLimiter, parse_rate_limit
+from worker.destinations.base import DestinationClient
+from worker.destinations.registry import HttpOptions, build_client, resolve_settings
+from worker.destinations.settings import HttpDestinationSettings
+from worker.ratelimit import LocalRateLimiter, RateLimit, RateLimiter
 from worker.settings import Settings
 
 LimiterFactory = Callable[[str, RateLimit], RateLimiter]
@@ -41,19 +41,24 @@ class DestinationPool:
         self._http = http
         self._limiter_factory = limiter_factory
         self._env = env
-        self._clients: dict[tuple[str, str], Destination] = {}
+        self._clients: dict[tuple[str, str], DestinationClient] = {}
 
-    def get(self, name: str, template: Mapping[str, Any]) -> Destination:
-        """The client for a destination, its `${VAR}` references resolved from the env now."""
+    def get(self, name: str, template: Mapping[str, Any]) -> DestinationClient:
+        """The client for a destination. Its settings are resolved (`${VAR}` references from
+        the env) and validated when the client is built; later calls with the same stored
+        template get the same client."""
         cache_key = (name, json.dumps(template, sort_keys=True))
         client = self._clients.get(cache_key)
         if client is None:
-            settings = validate_destination(
+            settings = resolve_settings(
                 name, template, os.environ if self._env is None else self._env
             )
-            rate = getattr(settings, "rate_limit", None)
-            limiter = self._limiter_factory(name, parse_rate_limit(rate)) if rate else None
-            client = build_destination(name, settings, http=self._http, limiter=limiter)
+            limiter = (
+                self._limiter_factory(name, settings.rate_limit)
+                if isinstance(settings, HttpDestinationSettings)
+                else None
+            )
+            client = build_client(name, settings, http=self._http, limiter=limiter)
             self._clients[cache_key] = client
         return client
 

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from models import Audience, AudienceDestination, Destination, Source, SyncRun
 from worker.config import Config, resolve_source_url
 from worker.db import unit_of_work
-from worker.destinations.base import Destination as DestinationClient
+from worker.destinations.base import DestinationClient
 from worker.errors import (
     ConfigError,
     DestinationError,

@@ -113,12 +113,21 @@ def retry_delay(settings_delay: float, retries: int, *, cap: float | None = None
 # ----------------------------------------------------------------- tasks
 
 
+def _redeliverable(soft_limit_seconds: int) -> dict[str, Any]:
+    """The options of a task that is safe to run twice: acknowledged late and handed to
+    another worker when its own dies; stopped after `soft_limit_seconds`, killed a margin
+    later."""
+    return {
+        "acks_late": True,
+        "reject_on_worker_lost": True,
+        "soft_time_limit": soft_limit_seconds,
+        "time_limit": soft_limit_seconds + HARD_LIMIT_MARGIN_SECONDS,
+    }
+
+
 @app.task(
     name="audience_sync.dispatch_due",
-    acks_late=True,
-    reject_on_worker_lost=True,
-    soft_time_limit=SHORT_SOFT_LIMIT_SECONDS,
-    time_limit=SHORT_SOFT_LIMIT_SECONDS + HARD_LIMIT_MARGIN_SECONDS,
+    **_redeliverable(SHORT_SOFT_LIMIT_SECONDS),
 )
 def dispatch_due() -> list[int]:
     """Beat's task: queue a scheduled sync of every pair that is due; return their ids."""
@@ -162,10 +171,7 @@ def enqueue_sync(pair_id: int, request: SyncRequest) -> str:
 @app.task(
     name="audience_sync.sync_pair",
     bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    soft_time_limit=SYNC_SOFT_LIMIT_SECONDS,
-    time_limit=SYNC_SOFT_LIMIT_SECONDS + HARD_LIMIT_MARGIN_SECONDS,
+    **_redeliverable(SYNC_SOFT_LIMIT_SECONDS),
 )
 def sync_pair(self: Task[Any, Any], pair_id: int, request: dict[str, Any]) -> dict[str, Any]:
     """One sync of one pair: delivered here, or fanned out to `deliver_chunk` tasks."""
@@ -214,10 +220,7 @@ def fan_out_chord(celery_app: Celery, outcome: FanOut) -> Signature[Any]:
 @app.task(
     name="audience_sync.deliver_chunk",
     bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    soft_time_limit=CHUNK_SOFT_LIMIT_SECONDS,
-    time_limit=CHUNK_SOFT_LIMIT_SECONDS + HARD_LIMIT_MARGIN_SECONDS,
+    **_redeliverable(CHUNK_SOFT_LIMIT_SECONDS),
 )
 def deliver_chunk(
     self: Task[Any, Any],
@@ -250,10 +253,7 @@ def deliver_chunk(
 
 @app.task(
     name="audience_sync.finish_run",
-    acks_late=True,
-    reject_on_worker_lost=True,
-    soft_time_limit=SHORT_SOFT_LIMIT_SECONDS,
-    time_limit=SHORT_SOFT_LIMIT_SECONDS + HARD_LIMIT_MARGIN_SECONDS,
+    **_redeliverable(SHORT_SOFT_LIMIT_SECONDS),
 )
 def finish_run(results: list[dict[str, Any]], prepared: dict[str, Any]) -> dict[str, Any]:
     """Chord callback: close the run once every chunk is done (failed if any chunk failed)."""
@@ -268,10 +268,7 @@ def finish_run(results: list[dict[str, Any]], prepared: dict[str, Any]) -> dict[
 
 @app.task(
     name="audience_sync.abandon_run",
-    acks_late=True,
-    reject_on_worker_lost=True,
-    soft_time_limit=SHORT_SOFT_LIMIT_SECONDS,
-    time_limit=SHORT_SOFT_LIMIT_SECONDS + HARD_LIMIT_MARGIN_SECONDS,
+    **_redeliverable(SHORT_SOFT_LIMIT_SECONDS),
 )
 def abandon_run(prepared: dict[str, Any]) -> dict[str, Any]:
     """Chord error callback: fail the run and free its pair (a chunk task raised)."""

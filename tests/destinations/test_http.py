@@ -24,10 +24,9 @@ from worker.destinations.http import (
     response_message,
     retry_hint_seconds,
 )
-from worker.destinations.ortto import OrttoDestination
-from worker.destinations.ortto_api import OrttoApiDestination
-from worker.destinations.segment import SegmentDestination
-from worker.destinations.settings import OrttoApiSettings, OrttoSettings, SegmentSettings
+from worker.destinations.ortto import OrttoDestination, OrttoSettings, try_in_seconds
+from worker.destinations.ortto_api import OrttoApiDestination, OrttoApiSettings
+from worker.destinations.segment import SegmentDestination, SegmentSettings
 from worker.errors import ConfigError, DestinationAuthError, TransientDestinationError
 from worker.ratelimit import LocalRateLimiter, RedisRateLimiter, parse_rate_limit
 from worker.testing.databases import REDIS_URL, redis_client
@@ -84,6 +83,7 @@ def ortto_client(
         options=options,
         limiter=limiter or RecordingLimiter(),
         transport=transport,
+        body_wait=try_in_seconds,
     )
 
 
@@ -115,8 +115,15 @@ def ortto_client(
     ],
 )
 def test_retry_hint_seconds(retry_after: str | None, body: Any, expected: float | None) -> None:
-    hint = retry_hint_seconds(retry_after, body, now=NOW)
+    # The body is read by the destination's own rule: Ortto's here.
+    hint = retry_hint_seconds(retry_after, body, now=NOW, body_wait=try_in_seconds)
     assert hint == (pytest.approx(expected) if expected is not None else None)
+
+
+def test_a_body_hint_is_read_only_by_the_destination_that_writes_it() -> None:
+    body = {"error": {"code": "rate-limit", "try-in-seconds": 10}}
+    assert retry_hint_seconds(None, body, now=NOW) is None
+    assert retry_hint_seconds("3", body, now=NOW) == 3.0
 
 
 @pytest.mark.parametrize(
@@ -177,7 +184,7 @@ def test_secret_header_auth_builds_the_header(scheme: Any, header: str, expected
 
 @pytest.mark.parametrize("endpoint", ["not a url", "ftp://host", "http://", "api.segment.io"])
 def test_an_endpoint_that_is_no_http_url_is_a_config_error(endpoint: str) -> None:
-    settings = SegmentSettings(type="segment", write_key="fake-write-key", endpoint=endpoint)
+    settings = SegmentSettings(write_key="fake-write-key", endpoint=endpoint)
     with pytest.raises(ConfigError, match="not an http"):
         SegmentDestination("bad", settings=settings, http=FAST)
 
@@ -331,7 +338,7 @@ def test_the_key_never_appears_in_errors_reprs_or_logs(
     result = echoed.send("GET", "/me")
     texts += [result.message, repr(result), repr(echoed)]
 
-    settings = OrttoSettings(type="ortto", api_key=secret, endpoint=fake.url)
+    settings = OrttoSettings(api_key=secret, endpoint=fake.url)
     destination = OrttoDestination("leaky", settings=settings, http=FAST)
     texts += [repr(destination), repr(settings), str(settings), repr(vars(destination))]
     with pytest.raises(DestinationAuthError) as auth_error:
@@ -356,7 +363,7 @@ def test_the_key_never_appears_in_errors_reprs_or_logs(
 
 
 def _ortto(url: str, limiter: Any) -> OrttoDestination:
-    settings = OrttoSettings(type="ortto", api_key=DEFAULT_ORTTO_KEY, endpoint=url)
+    settings = OrttoSettings(api_key=DEFAULT_ORTTO_KEY, endpoint=url)
     return OrttoDestination("paced", settings=settings, http=FAST, limiter=limiter)
 
 
@@ -392,9 +399,7 @@ def test_server_side_throttling_pauses_and_loses_nothing(fake: FakeDestinations)
 
 
 def test_default_limiter_comes_from_the_settings(fake: FakeDestinations) -> None:
-    settings = OrttoSettings(
-        type="ortto", api_key=DEFAULT_ORTTO_KEY, endpoint=fake.url, rate_limit="20/s"
-    )
+    settings = OrttoSettings(api_key=DEFAULT_ORTTO_KEY, endpoint=fake.url, rate_limit="20/s")
     destination = OrttoDestination("paced", settings=settings, http=FAST)
     for call in sample_calls(AUDIENCE, 25):
         destination.deliver(AUDIENCE, [call])
@@ -407,17 +412,13 @@ def test_each_destination_type_uses_its_limiter(fake: FakeDestinations) -> None:
         _ortto(fake.url, limiter),
         OrttoApiDestination(
             "api",
-            settings=OrttoApiSettings(
-                type="ortto-api", api_key=fake.ortto_api_key, endpoint=fake.url
-            ),
+            settings=OrttoApiSettings(api_key=fake.ortto_api_key, endpoint=fake.url),
             http=FAST,
             limiter=limiter,
         ),
         SegmentDestination(
             "seg",
-            settings=SegmentSettings(
-                type="segment", write_key=fake.segment_write_key, endpoint=fake.url
-            ),
+            settings=SegmentSettings(write_key=fake.segment_write_key, endpoint=fake.url),
             http=FAST,
             limiter=limiter,
         ),

@@ -13,13 +13,14 @@ from worker.destinations.http import HttpOptions
 from worker.destinations.ortto import (
     MAX_REQUEST_BYTES,
     OrttoDestination,
+    OrttoSettings,
     identify_rejections,
     ortto_contact,
     ortto_identify_base_url,
 )
-from worker.destinations.registry import build_destination
-from worker.destinations.settings import OrttoSettings
+from worker.destinations.registry import build_client, resolve_settings
 from worker.errors import DestinationAuthError, DestinationError, TransientDestinationError
+from worker.ratelimit import RateLimit
 from worker.testing.fake_destinations import (
     FakeDestinations,
     RecordingTransport,
@@ -37,7 +38,6 @@ def ortto(
     http: HttpOptions = FAST,
 ) -> OrttoDestination:
     settings = OrttoSettings(
-        type="ortto",
         api_key=SecretStr(key or fake.ortto_key),
         endpoint=endpoint or fake.url,
         rate_limit="1000/s",
@@ -138,7 +138,7 @@ def test_identify_rejections(body: Any, sent: list[int], expected: list[Rejectio
     ],
 )
 def test_endpoint_rule(key: str, endpoint: str | None, base: str) -> None:
-    settings = OrttoSettings(type="ortto", api_key=SecretStr(key), endpoint=endpoint)
+    settings = OrttoSettings(api_key=SecretStr(key), endpoint=endpoint)
     assert ortto_identify_base_url(settings) == base
 
 
@@ -293,7 +293,7 @@ def test_check_reports_a_refusal() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(404, json={"error": {"message": "no such account"}})
 
-    settings = OrttoSettings(type="ortto", api_key=SecretStr("pau-abc"), endpoint="http://o.test")
+    settings = OrttoSettings(api_key=SecretStr("pau-abc"), endpoint="http://o.test")
     destination = OrttoDestination(
         "o", settings=settings, http=FAST, transport=httpx.MockTransport(handler)
     )
@@ -309,9 +309,13 @@ def test_both_endpoint_spellings_reach_the_server(fake: FakeDestinations, suffix
 
 
 def test_registry_builds_it(fake: FakeDestinations) -> None:
-    settings = OrttoSettings(type="ortto", api_key=SecretStr(fake.ortto_key), endpoint=fake.url)
-    destination = build_destination("built", settings, http=FAST, limiter=None)
-    assert isinstance(destination, OrttoDestination) and destination.type == "ortto"
+    template = {"type": "ortto", "api_key": "${KEY}", "endpoint": fake.url, "rate_limit": "5/s"}
+    settings = resolve_settings("built", template, {"KEY": fake.ortto_key})
+    assert settings == OrttoSettings(
+        api_key=SecretStr(fake.ortto_key), endpoint=fake.url, rate_limit=RateLimit(5)
+    )
+    destination = build_client("built", settings, http=FAST, limiter=None)
+    assert isinstance(destination, OrttoDestination)
     assert destination.deliver(AUDIENCE, sample_calls(AUDIENCE, 3)) == []
     destination.close()
 
@@ -322,7 +326,6 @@ def test_against_a_server_in_another_process() -> None:
         server.add_fault("rate_limit", count=1, seconds=0.2, style="ortto")
         server.add_fault("item_error", ids=["u3"], status=422, message="nope")
         settings = OrttoSettings(
-            type="ortto",
             api_key=SecretStr("pau-fake-ortto-segment-key-0123456789"),
             endpoint=server.url,
             rate_limit="1000/s",

@@ -14,12 +14,12 @@ from worker.destinations.http import HttpOptions
 from worker.destinations.ortto_api import (
     MAX_PEOPLE_PER_REQUEST,
     OrttoApiDestination,
+    OrttoApiSettings,
     field_id_from,
     merge_rejections,
     person_fields,
 )
-from worker.destinations.registry import build_destination
-from worker.destinations.settings import OrttoApiSettings
+from worker.destinations.registry import build_client, resolve_settings
 from worker.errors import ConfigError, DestinationAuthError, DestinationError
 from worker.payloads import AudienceRef
 from worker.testing.fake_destinations import (
@@ -46,7 +46,6 @@ def ortto_api(
     transport: httpx.BaseTransport | None = None,
 ) -> OrttoApiDestination:
     settings = OrttoApiSettings(
-        type="ortto-api",
         api_key=SecretStr(key or (fake.ortto_api_key if fake else "k")),
         endpoint=fake.url if fake else "http://ortto.test",
         merge_by=merge_by or ["str::ei"],
@@ -371,10 +370,10 @@ def test_check_lists_the_fields(fake: FakeDestinations) -> None:
 
 
 def test_registry_builds_it(fake: FakeDestinations) -> None:
-    settings = OrttoApiSettings(
-        type="ortto-api", api_key=SecretStr(fake.ortto_api_key), endpoint=fake.url
-    )
-    destination = build_destination("built", settings, http=FAST, limiter=None)
+    template = {"type": "ortto-api", "api_key": "${KEY}", "endpoint": fake.url}
+    settings = resolve_settings("built", template, {"KEY": fake.ortto_api_key})
+    assert settings == OrttoApiSettings(api_key=SecretStr(fake.ortto_api_key), endpoint=fake.url)
+    destination = build_client("built", settings, http=FAST, limiter=None)
     assert isinstance(destination, OrttoApiDestination)
     assert destination.deliver(AUDIENCE, sample_calls(AUDIENCE, 3, anonymous_every=0)) == []
     destination.close()
@@ -385,9 +384,7 @@ def test_against_a_server_in_another_process() -> None:
     with spawn_fake_destinations() as server:
         server.configure(per_person_detail=False, field_create_nested=False)
         server.add_fault("suppress", ids=["u1"])
-        settings = OrttoApiSettings(
-            type="ortto-api", api_key=SecretStr(DEFAULT_ORTTO_API_KEY), endpoint=server.url
-        )
+        settings = OrttoApiSettings(api_key=SecretStr(DEFAULT_ORTTO_API_KEY), endpoint=server.url)
         destination = OrttoApiDestination("remote", settings=settings, http=FAST)
         calls = sample_calls(AUDIENCE, 5, anonymous_every=0)
         # Without per-person detail a suppression goes unseen: everything counts as accepted.

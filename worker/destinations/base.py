@@ -1,4 +1,7 @@
-"""The destination interface: batches of identify calls in, per-item rejections out."""
+"""The destination client interface: batches of identify calls in, per-item rejections out.
+
+(`models.Destination` is the stored destination; a `DestinationClient` talks to it.)
+"""
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -17,13 +20,12 @@ class Rejection:
     message: str
 
 
-class Destination(ABC):
+class DestinationClient(ABC):
     """A destination client. `deliver` either returns the rejected items (all others were
     accepted), or raises: DestinationAuthError stops the run, TransientDestinationError
     (after its own retries) fails it; in both cases no item of the batch counts as accepted.
     """
 
-    type: ClassVar[str]
     # How many calls the service hands over at once (the destination may split further).
     max_batch_items: ClassVar[int] = 500
 

@@ -2,10 +2,10 @@
 
 Every request waits for the destination's RateLimiter, then is retried on transient failures
 (transport errors, timeouts, 429, 5xx) with exponential backoff and jitter, at most
-`HttpOptions.max_attempts` times. A 429 waits what the server asked (`Retry-After`, or Ortto's
-`{"error": {"try-in-seconds": N}}`) and pauses the limiter so every process sharing it waits
-too. 401/403 raise DestinationAuthError at once; any other refusal comes back as an
-`HttpResult` whose items the caller rejects, so the run goes on.
+`HttpOptions.max_attempts` times. A 429 waits what the server asked (`Retry-After`, else what
+the destination reads from the answer's body, through its `body_wait`) and pauses the limiter
+so every process sharing it waits too. 401/403 raise DestinationAuthError at once; any other
+refusal comes back as an `HttpResult` whose items the caller rejects, so the run goes on.
 
 The API key stays a SecretStr until `SecretHeaderAuth` writes it into the outgoing header; it is
 scrubbed from every message built from a server answer.
@@ -32,7 +32,7 @@ from worker.errors import (
     DestinationError,
     TransientDestinationError,
 )
-from worker.ratelimit import LocalRateLimiter, RateLimiter, parse_rate_limit
+from worker.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +85,20 @@ def api_root(endpoint: str) -> str:
     return root.removesuffix("/v1")
 
 
-def limiter_or_local(limiter: RateLimiter | None, rate_limit: str) -> RateLimiter:
-    """The shared limiter when one is given, else one for this process from `rate_limit`."""
-    return limiter if limiter is not None else LocalRateLimiter(parse_rate_limit(rate_limit))
+# Reads the wait a 429's body asks for, in a destination's own format; None if it names none.
+BodyWait = Callable[[Any], float | None]
 
 
-def retry_hint_seconds(retry_after: str | None, body: Any, *, now: datetime) -> float | None:
-    """Seconds a 429 asked to wait: `Retry-After` (seconds or an HTTP date), else Ortto's
-    `{"error": {"try-in-seconds": N}}`; None when the answer names no wait."""
+def no_body_wait(_body: Any) -> float | None:
+    """For destinations whose 429 bodies name no wait."""
+    return None
+
+
+def retry_hint_seconds(
+    retry_after: str | None, body: Any, *, now: datetime, body_wait: BodyWait = no_body_wait
+) -> float | None:
+    """Seconds a 429 asked to wait: `Retry-After` (seconds or an HTTP date), else what
+    `body_wait` reads from the body; None when the answer names no wait."""
     if retry_after is not None and retry_after.strip():
         text = retry_after.strip()
         try:
@@ -107,13 +113,7 @@ def retry_hint_seconds(retry_after: str | None, body: Any, *, now: datetime) -> 
             if when.tzinfo is None:
                 when = when.replace(tzinfo=UTC)
             return max(0.0, (when - now).total_seconds())
-    if isinstance(body, dict):
-        error = body.get("error")
-        if isinstance(error, dict):
-            seconds = error.get("try-in-seconds")
-            if isinstance(seconds, int | float) and not isinstance(seconds, bool):
-                return max(0.0, float(seconds))
-    return None
+    return body_wait(body)
 
 
 def response_message(body: Any, text: str) -> str:
@@ -187,6 +187,7 @@ class DestinationHttpClient:
         limiter: RateLimiter,
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        body_wait: BodyWait = no_body_wait,
     ) -> None:
         self.destination = destination
         self.base_url = _checked_base_url(destination, base_url)
@@ -194,6 +195,7 @@ class DestinationHttpClient:
         self._options = options
         self._limiter = limiter
         self._sleep = sleep
+        self._body_wait = body_wait
         self._client = httpx.Client(
             base_url=self.base_url,
             auth=auth,
@@ -257,7 +259,10 @@ class DestinationHttpClient:
         message = self._auth.scrub(response_message(body, response.text))
         if status == 429:
             hint = retry_hint_seconds(
-                response.headers.get("Retry-After"), body, now=datetime.now(UTC)
+                response.headers.get("Retry-After"),
+                body,
+                now=datetime.now(UTC),
+                body_wait=self._body_wait,
             )
             if hint is not None:
                 # Tell every process sharing the limiter, not only this retry.

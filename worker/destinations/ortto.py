@@ -3,7 +3,7 @@
 Each Segment-spec identify call becomes one contact of a JSON array
 `POST {base}/identify` (at most 500 contacts and well under Ortto's 2 MB per request);
 Ortto answers `{"errors": [{"status", "message", "index"}]}` and every contact not listed
-was accepted.
+was accepted. A 429 names its wait in the body: `{"error": {"try-in-seconds": N}}`.
 
 Endpoint rule: without `endpoint`, the base is derived from the API key
 (`https://segment-action-api-{region}.ortto.app/v1`). A configured `endpoint` is the
@@ -14,34 +14,56 @@ is), the same rule as the other HTTP destinations, whose paths all start at `/v1
 from collections.abc import Sequence
 from typing import Any
 
-import httpx
+from pydantic import SecretStr, field_validator
 
-from worker.batching import encoded_batches
-from worker.destinations.base import Destination, Rejection
-from worker.destinations.http import (
-    DestinationHttpClient,
-    HttpOptions,
-    SecretHeaderAuth,
-    api_root,
-    encode_json,
-    limiter_or_local,
-    refused,
-)
-from worker.destinations.settings import OrttoSettings, ortto_segment_base_url
+from worker.destinations.base import Rejection
+from worker.destinations.http import SecretHeaderAuth, api_root, encode_json, refused
+from worker.destinations.http_client import NO_USER_ID, BatchRequest, HttpDestinationClient
+from worker.destinations.settings import HttpDestinationSettings, RateLimitSetting
 from worker.payloads import AudienceRef
-from worker.ratelimit import RateLimiter
+from worker.ratelimit import RateLimit
 
 MAX_CONTACTS_PER_REQUEST = 500
 # Ortto refuses payloads over 2 MB; stay well under it.
 MAX_REQUEST_BYTES = 1_000_000
-_ARRAY_OVERHEAD = len(b"[]")
+
+
+class OrttoSettings(HttpDestinationSettings):
+    """Ortto's Segment endpoint (what Segment's Ortto destination talks to)."""
+
+    api_key: SecretStr
+    endpoint: str | None = None
+    rate_limit: RateLimitSetting = RateLimit(10)
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_is_well_formed(cls, value: SecretStr) -> SecretStr:
+        key = value.get_secret_value()
+        if len(key) < 5 or key[3] != "-" or not key[1:3].isalpha():
+            raise ValueError(
+                "the Ortto API key is malformed: it should look like 'pau-...' (a letter, a two-"
+                "letter region, a dash); copy it again from Ortto's Segment integration"
+            )
+        return value
 
 
 def ortto_identify_base_url(settings: OrttoSettings) -> str:
-    """`{root}/v1` for a configured endpoint, else the base derived from the key."""
+    """`{root}/v1` for a configured endpoint, else the base derived from the (validated) key:
+    `pau-...` is region au, and a leading `s` is Ortto's staging."""
     if settings.endpoint:
         return api_root(settings.endpoint) + "/v1"
-    return ortto_segment_base_url(settings.api_key.get_secret_value())
+    key = settings.api_key.get_secret_value()
+    domain = "ortto-stg.app" if key[0] == "s" else "ortto.app"
+    return f"https://segment-action-api-{key[1:3].lower()}.{domain}/v1"
+
+
+def try_in_seconds(body: Any) -> float | None:
+    """The wait an Ortto 429 names in its body, `{"error": {"try-in-seconds": N}}`."""
+    error = body.get("error") if isinstance(body, dict) else None
+    seconds = error.get("try-in-seconds") if isinstance(error, dict) else None
+    if isinstance(seconds, int | float) and not isinstance(seconds, bool):
+        return max(0.0, float(seconds))
+    return None
 
 
 def ortto_contact(call: dict[str, Any]) -> dict[str, Any]:
@@ -83,64 +105,32 @@ def identify_rejections(body: Any, sent: Sequence[int]) -> list[Rejection]:
     return [found[i] for i in sorted(found)]
 
 
-class OrttoDestination(Destination):
-    type = "ortto"
+class OrttoDestination(HttpDestinationClient[OrttoSettings]):
     max_batch_items = MAX_CONTACTS_PER_REQUEST
+    max_request_items = MAX_CONTACTS_PER_REQUEST
+    max_request_bytes = MAX_REQUEST_BYTES
+    too_large = (
+        f"contact is {{size}} bytes encoded, over the {MAX_REQUEST_BYTES} bytes sent per request"
+    )
+    answer_rejections = staticmethod(identify_rejections)
+    body_wait = staticmethod(try_in_seconds)
 
-    def __init__(
-        self,
-        name: str,
-        *,
-        settings: OrttoSettings,
-        http: HttpOptions,
-        limiter: RateLimiter | None = None,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
-        super().__init__(name)
-        self._http = DestinationHttpClient(
-            destination=name,
-            base_url=ortto_identify_base_url(settings),
-            auth=SecretHeaderAuth(header="Authorization", secret=settings.api_key, scheme="bearer"),
-            options=http,
-            limiter=limiter_or_local(limiter, settings.rate_limit),
-            transport=transport,
-        )
+    def base_url_for(self, settings: OrttoSettings) -> str:
+        return ortto_identify_base_url(settings)
 
-    @property
-    def base_url(self) -> str:
-        return self._http.base_url
+    def auth_for(self, settings: OrttoSettings) -> SecretHeaderAuth:
+        return SecretHeaderAuth(header="Authorization", secret=settings.api_key, scheme="bearer")
 
-    def deliver(self, audience: AudienceRef, calls: Sequence[dict[str, Any]]) -> list[Rejection]:
-        unsendable, batches = encoded_batches(
-            [
-                encode_json(ortto_contact(call))
-                if call.get("userId") or call.get("anonymousId")
-                else "identify call has no user id"
-                for call in calls
-            ],
-            max_items=MAX_CONTACTS_PER_REQUEST,
-            max_bytes=MAX_REQUEST_BYTES,
-            max_item_bytes=MAX_REQUEST_BYTES - _ARRAY_OVERHEAD,
-            overhead=_ARRAY_OVERHEAD,
-            too_large=lambda size: (
-                f"contact is {size} bytes encoded, over the {MAX_REQUEST_BYTES} "
-                "bytes sent per request"
-            ),
-        )
-        rejections = [Rejection(index, None, reason) for index, reason in unsendable]
-        for batch in batches:
-            result = self._http.send("POST", "/identify", content=batch.join(b"[", b"]"))
-            if result.is_success:
-                rejections.extend(identify_rejections(result.body, batch.indexes))
-            else:
-                rejections.extend(result.reject(batch.indexes))
-        return sorted(rejections, key=lambda rejection: rejection.index)
+    def batch_request(self, audience: AudienceRef) -> BatchRequest:
+        return BatchRequest("/identify", b"[", b"]")
+
+    def encode(self, audience: AudienceRef, call: dict[str, Any]) -> bytes | str:
+        if not (call.get("userId") or call.get("anonymousId")):
+            return NO_USER_ID
+        return encode_json(ortto_contact(call))
 
     def check(self) -> str:
         result = self._http.send("GET", "/me")
         if not result.is_success:
             raise refused(self.name, "GET /me", result)
         return f"Ortto accepted the API key ({self.base_url})"
-
-    def close(self) -> None:
-        self._http.close()

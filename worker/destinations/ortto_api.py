@@ -17,26 +17,25 @@ configured `merge_by` fields, overwriting (`merge_strategy` 2), asynchronously.
 """
 
 from collections.abc import Sequence
-from typing import Any
+from functools import cached_property
+from typing import Any, Literal
 
-import httpx
+from pydantic import Field, SecretStr
 
-from worker.batching import encoded_batches
-from worker.destinations.base import Destination, Rejection
+from worker.destinations.base import Rejection
 from worker.destinations.http import (
-    DestinationHttpClient,
-    HttpOptions,
     HttpResult,
     SecretHeaderAuth,
     api_root,
     encode_json,
-    limiter_or_local,
     refused,
 )
-from worker.destinations.settings import OrttoApiSettings
+from worker.destinations.http_client import BatchRequest, HttpDestinationClient
+from worker.destinations.ortto import try_in_seconds
+from worker.destinations.settings import HttpDestinationSettings, RateLimitSetting
 from worker.errors import ConfigError, DestinationError
 from worker.payloads import AudienceRef
-from worker.ratelimit import RateLimiter
+from worker.ratelimit import RateLimit
 
 MAX_PEOPLE_PER_REQUEST = 100
 # Ortto refuses payloads over 2 MB; stay well under it.
@@ -46,6 +45,31 @@ MAX_STRING_CHARS = 255
 ACCEPTED_STATUSES = frozenset({"created", "merged"})
 MERGE_STRATEGY_OVERWRITE = 2
 FIND_STRATEGY_ANY = 0
+
+
+ORTTO_API_HOSTS = {
+    "default": "https://api.ap3api.com",
+    "au": "https://api.au.ap3api.com",
+    "eu": "https://api.eu.ap3api.com",
+}
+
+MergeField = Literal["str::ei", "str::email"]
+
+
+class OrttoApiSettings(HttpDestinationSettings):
+    """Ortto's public REST API (person merge with one boolean custom field per audience)."""
+
+    api_key: SecretStr
+    region: Literal["default", "au", "eu"] = "default"
+    merge_by: list[MergeField] = Field(
+        default_factory=lambda: list[MergeField](["str::ei"]), min_length=1, max_length=3
+    )
+    endpoint: str | None = None
+    rate_limit: RateLimitSetting = RateLimit(10)
+
+    @property
+    def base_url(self) -> str:
+        return self.endpoint or ORTTO_API_HOSTS[self.region]
 
 
 def merge_body_affixes(merge_by: Sequence[str]) -> tuple[bytes, bytes]:
@@ -143,30 +167,28 @@ def field_id_from(entry: Any) -> tuple[str, str] | None:
     return None
 
 
-class OrttoApiDestination(Destination):
-    type = "ortto-api"
+class OrttoApiDestination(HttpDestinationClient[OrttoApiSettings]):
     max_batch_items = 500
+    max_request_items = MAX_PEOPLE_PER_REQUEST
+    max_request_bytes = MAX_REQUEST_BYTES
+    too_large = "person too large for one request"
+    answer_rejections = staticmethod(merge_rejections)
+    body_wait = staticmethod(try_in_seconds)
 
-    def __init__(
-        self,
-        name: str,
-        *,
-        settings: OrttoApiSettings,
-        http: HttpOptions,
-        limiter: RateLimiter | None = None,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
-        super().__init__(name)
-        self.merge_by = list(settings.merge_by)
-        self._field_ids: dict[str, str] = {}
-        self._http = DestinationHttpClient(
-            destination=name,
-            base_url=api_root(settings.base_url),
-            auth=SecretHeaderAuth(header="X-Api-Key", secret=settings.api_key, scheme="plain"),
-            options=http,
-            limiter=limiter_or_local(limiter, settings.rate_limit),
-            transport=transport,
-        )
+    @property
+    def merge_by(self) -> list[MergeField]:
+        return self.settings.merge_by
+
+    @cached_property
+    def _field_ids(self) -> dict[str, str]:
+        """Field ids this client found or created, by audience key."""
+        return {}
+
+    def base_url_for(self, settings: OrttoApiSettings) -> str:
+        return api_root(settings.base_url)
+
+    def auth_for(self, settings: OrttoApiSettings) -> SecretHeaderAuth:
+        return SecretHeaderAuth(header="X-Api-Key", secret=settings.api_key, scheme="plain")
 
     def prepare(self, audience: AudienceRef) -> str:
         """The id of the audience's boolean custom field, found by name or created."""
@@ -181,30 +203,14 @@ class OrttoApiDestination(Destination):
         self._field_ids[audience.key] = field_id
         return field_id
 
-    def deliver(self, audience: AudienceRef, calls: Sequence[dict[str, Any]]) -> list[Rejection]:
-        field_id = self.prepare(audience)
+    def batch_request(self, audience: AudienceRef) -> BatchRequest:
         head, tail = merge_body_affixes(self.merge_by)
-        overhead = len(head) + len(tail)
-        items: list[bytes | str] = []
-        for call in calls:
-            fields = person_fields(call, audience.key, field_id, self.merge_by)
-            items.append(fields if isinstance(fields, str) else encode_json({"fields": fields}))
-        unsendable, batches = encoded_batches(
-            items,
-            max_items=MAX_PEOPLE_PER_REQUEST,
-            max_bytes=MAX_REQUEST_BYTES,
-            max_item_bytes=MAX_REQUEST_BYTES - overhead,
-            overhead=overhead,
-            too_large=lambda _size: "person too large for one request",
-        )
-        rejections = [Rejection(index, None, reason) for index, reason in unsendable]
-        for batch in batches:
-            result = self._http.send("POST", "/v1/person/merge", content=batch.join(head, tail))
-            if result.is_success:
-                rejections.extend(merge_rejections(result.body, batch.indexes))
-            else:
-                rejections.extend(result.reject(batch.indexes))
-        return sorted(rejections, key=lambda rejection: rejection.index)
+        return BatchRequest("/v1/person/merge", head, tail)
+
+    def encode(self, audience: AudienceRef, call: dict[str, Any]) -> bytes | str:
+        # deliver() has prepared the audience, so its field id is known.
+        fields = person_fields(call, audience.key, str(audience.field_id), self.merge_by)
+        return fields if isinstance(fields, str) else encode_json({"fields": fields})
 
     def check(self) -> str:
         result = self._list_fields()
@@ -213,9 +219,6 @@ class OrttoApiDestination(Destination):
         fields = result.body.get("fields") if isinstance(result.body, dict) else None
         count = len(fields) if isinstance(fields, list) else 0
         return f"Ortto accepted the API key ({count} custom person fields)"
-
-    def close(self) -> None:
-        self._http.close()
 
     def _list_fields(self) -> HttpResult:
         return self._http.send("POST", "/v1/person/custom-field/get")

@@ -10,84 +10,55 @@ recording events, and an empty batch proves nothing on collectors that accept an
 first delivery tells (a 401 stops the run).
 """
 
-from collections.abc import Sequence
 from typing import Any
 
-import httpx
+from pydantic import SecretStr
 
-from worker.batching import encoded_batches
-from worker.destinations.base import Destination, Rejection
-from worker.destinations.http import (
-    DestinationHttpClient,
-    HttpOptions,
-    SecretHeaderAuth,
-    api_root,
-    encode_json,
-    limiter_or_local,
-)
-from worker.destinations.settings import SegmentSettings
+from worker.destinations.http import SecretHeaderAuth, api_root, encode_json
+from worker.destinations.http_client import NO_USER_ID, BatchRequest, HttpDestinationClient
+from worker.destinations.settings import HttpDestinationSettings, RateLimitSetting
 from worker.payloads import AudienceRef
-from worker.ratelimit import RateLimiter
+from worker.ratelimit import RateLimit
 
 MAX_CALLS_PER_REQUEST = 2_500
 # 500 KB per batch request; keep a margin as Segment's own libraries do.
 MAX_REQUEST_BYTES = 475_000
 # 32 KB per call; counted in decimal kilobytes to stay on the safe side.
 MAX_CALL_BYTES = 32_000
-_HEAD, _TAIL = b'{"batch":[', b"]}"
+_BATCH = BatchRequest("/v1/batch", b'{"batch":[', b"]}")
 
 
-class SegmentDestination(Destination):
-    type = "segment"
+class SegmentSettings(HttpDestinationSettings):
+    """Segment's HTTP Tracking API, or any collector that speaks it."""
+
+    write_key: SecretStr
+    endpoint: str = "https://api.segment.io"
+    rate_limit: RateLimitSetting = RateLimit(500)
+
+
+class SegmentDestination(HttpDestinationClient[SegmentSettings]):
     max_batch_items = MAX_CALLS_PER_REQUEST
+    max_request_items = MAX_CALLS_PER_REQUEST
+    max_request_bytes = MAX_REQUEST_BYTES
+    max_call_bytes = MAX_CALL_BYTES
+    too_large = "call is {size} bytes encoded, over Segment's 32 KB per call"
 
-    def __init__(
-        self,
-        name: str,
-        *,
-        settings: SegmentSettings,
-        http: HttpOptions,
-        limiter: RateLimiter | None = None,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
-        super().__init__(name)
-        self._http = DestinationHttpClient(
-            destination=name,
-            base_url=api_root(settings.endpoint),
-            auth=SecretHeaderAuth(
-                header="Authorization", secret=settings.write_key, scheme="basic"
-            ),
-            options=http,
-            limiter=limiter_or_local(limiter, settings.rate_limit),
-            transport=transport,
-        )
+    def base_url_for(self, settings: SegmentSettings) -> str:
+        return api_root(settings.endpoint)
 
-    def deliver(self, audience: AudienceRef, calls: Sequence[dict[str, Any]]) -> list[Rejection]:
-        unsendable, batches = encoded_batches(
-            [
-                encode_json(call)
-                if call.get("userId") or call.get("anonymousId")
-                else "identify call has no user id"
-                for call in calls
-            ],
-            max_items=MAX_CALLS_PER_REQUEST,
-            max_bytes=MAX_REQUEST_BYTES,
-            max_item_bytes=MAX_CALL_BYTES,
-            overhead=len(_HEAD) + len(_TAIL),
-            too_large=lambda size: f"call is {size} bytes encoded, over Segment's 32 KB per call",
-        )
-        rejections = [Rejection(index, None, reason) for index, reason in unsendable]
-        for batch in batches:
-            result = self._http.send("POST", "/v1/batch", content=batch.join(_HEAD, _TAIL))
-            if not result.is_success:
-                rejections.extend(result.reject(batch.indexes))
-        return sorted(rejections, key=lambda rejection: rejection.index)
+    def auth_for(self, settings: SegmentSettings) -> SecretHeaderAuth:
+        return SecretHeaderAuth(header="Authorization", secret=settings.write_key, scheme="basic")
+
+    def batch_request(self, audience: AudienceRef) -> BatchRequest:
+        return _BATCH
+
+    def encode(self, audience: AudienceRef, call: dict[str, Any]) -> bytes | str:
+        if not (call.get("userId") or call.get("anonymousId")):
+            return NO_USER_ID
+        return encode_json(call)
 
     def check(self) -> str:
         return (
             f"not checked: a Segment write key cannot be checked without sending events "
-            f"(deliveries go to {self._http.base_url}/v1/batch)"
+            f"(deliveries go to {self.base_url}/v1/batch)"
         )
-
-    def close(self) -> None:
-        self._http.close()

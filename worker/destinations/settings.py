@@ -1,95 +1,68 @@
-"""Per-type destination settings, validated at `apply` and again when a run builds a client."""
+"""The base of every destination type's settings, and the setting types they share.
 
-from typing import Annotated, Literal
+Each type's settings class lives with its client (see `registry` for the mapping); values are
+resolved and validated once, by `registry.resolve_settings`, and passed down typed.
+"""
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from typing import Annotated, Any
 
-from worker.ratelimit import parse_rate_limit
+from pydantic import BaseModel, ConfigDict, PlainValidator, SecretStr, ValidationError
+from pydantic_core import PydanticCustomError
 
-# Fields that hold credentials: they must come from `${VAR}` and are never stored resolved.
-SECRET_FIELDS = frozenset({"api_key", "write_key"})
+from worker.errors import ConfigError
+from worker.ratelimit import RateLimit, parse_rate_limit
+
+# Where in a settings mapping a problem is: keys and list positions.
+Loc = tuple[int | str, ...]
+# The error type of a setting whose own parser wrote the message; the message names the field.
+SETTING_ERROR = "setting"
 
 
-class _Settings(BaseModel):
+def _rate_limit(value: Any) -> RateLimit:
+    if isinstance(value, RateLimit):
+        return value
+    try:
+        return parse_rate_limit(value)
+    except ConfigError as exc:
+        raise PydanticCustomError(SETTING_ERROR, "{reason}", {"reason": str(exc)}) from None
+
+
+# Written `10/s` or `600/m`; held parsed.
+RateLimitSetting = Annotated[RateLimit, PlainValidator(_rate_limit)]
+
+
+class DestinationSettings(BaseModel):
+    """One destination's settings, `${VAR}` references resolved. Fields typed SecretStr are
+    credentials: the file must write them as `${VAR}`, and they are never stored resolved."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    @field_validator("rate_limit", check_fields=False)
     @classmethod
-    def _rate_limit_parses(cls, value: str) -> str:
-        parse_rate_limit(value)
-        return value
-
-
-class FileSettings(_Settings):
-    type: Literal["file"]
-    path: str
-
-
-def ortto_segment_base_url(api_key: str) -> str:
-    """Base URL of Ortto's Segment endpoint, derived from the key (`pau-...` -> region au)."""
-    if len(api_key) < 5 or api_key[3] != "-" or not api_key[1:3].isalpha():
-        raise ValueError(
-            "the Ortto API key is malformed: it should look like 'pau-...' (a letter, a two-"
-            "letter region, a dash); copy it again from Ortto's Segment integration"
+    def secret_fields(cls) -> frozenset[str]:
+        return frozenset(
+            name for name, field in cls.model_fields.items() if field.annotation is SecretStr
         )
-    region = api_key[1:3].lower()
-    domain = "ortto-stg.app" if api_key[0] == "s" else "ortto.app"
-    return f"https://segment-action-api-{region}.{domain}/v1"
 
 
-class OrttoSettings(_Settings):
-    """Ortto's Segment endpoint (what Segment's Ortto destination talks to)."""
+class HttpDestinationSettings(DestinationSettings):
+    """Settings of a destination reached over HTTP: paced by its `rate_limit`."""
 
-    type: Literal["ortto"]
-    api_key: SecretStr
-    endpoint: str | None = None
-    rate_limit: str = "10/s"
-
-    @field_validator("api_key")
-    @classmethod
-    def _key_is_well_formed(cls, value: SecretStr) -> SecretStr:
-        ortto_segment_base_url(value.get_secret_value())
-        return value
+    rate_limit: RateLimitSetting
 
 
-ORTTO_API_HOSTS = {
-    "default": "https://api.ap3api.com",
-    "au": "https://api.au.ap3api.com",
-    "eu": "https://api.eu.ap3api.com",
-}
-
-
-MergeField = Literal["str::ei", "str::email"]
-
-
-class OrttoApiSettings(_Settings):
-    """Ortto's public REST API (person merge with one boolean custom field per audience)."""
-
-    type: Literal["ortto-api"]
-    api_key: SecretStr
-    region: Literal["default", "au", "eu"] = "default"
-    merge_by: list[MergeField] = Field(
-        default_factory=lambda: list[MergeField](["str::ei"]), min_length=1, max_length=3
-    )
-    endpoint: str | None = None
-    rate_limit: str = "10/s"
-
-    @property
-    def base_url(self) -> str:
-        return self.endpoint or ORTTO_API_HOSTS[self.region]
-
-
-class SegmentSettings(_Settings):
-    """Segment's HTTP Tracking API, or any collector that speaks it."""
-
-    type: Literal["segment"]
-    write_key: SecretStr
-    endpoint: str = "https://api.segment.io"
-    rate_limit: str = "500/s"
-
-
-DestinationSettings = Annotated[
-    FileSettings | OrttoSettings | OrttoApiSettings | SegmentSettings,
-    Field(discriminator="type"),
-]
-DESTINATION_TYPES = ("file", "ortto", "ortto-api", "segment")
+def describe_error(exc: ValidationError, *, hide_input: bool = False) -> tuple[Loc, str]:
+    """The location of a validation error's first problem, and a sentence saying it."""
+    error = exc.errors()[0]
+    loc = tuple(error["loc"])
+    # "[key]" marks an error in a mapping's key (a name) rather than in its value.
+    location = ".".join(str(part) for part in loc if part != "[key]")
+    if error["type"] == "extra_forbidden":
+        return loc, f"unknown key {location!r}"
+    message = error["msg"]
+    if error["type"] == SETTING_ERROR:
+        return loc, message
+    if error["type"] == "value_error":
+        message = message.removeprefix("Value error, ")
+    if not hide_input and "input" in error and error["type"] != "missing":
+        message += f" (got {error['input']!r})"
+    return loc, f"{location}: {message}" if location else message

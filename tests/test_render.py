@@ -1,0 +1,192 @@
+"""Rendering, pure: plain values in, rich renderables and JSON records out."""
+
+import io
+import json
+from dataclasses import replace
+from datetime import UTC, datetime
+from types import MappingProxyType
+
+import pytest
+from rich.console import Console, RenderableType
+
+from worker import render
+from worker.reports import AudienceListing, FailingUser, RunDetail, RunFailure, RunRecord
+from worker.service import ApplyReport, PairStatus, RunSummary
+
+STARTED = datetime(2026, 11, 28, 9, 30, 15, 123456, tzinfo=UTC)
+FINISHED = datetime(2026, 11, 28, 9, 31, tzinfo=UTC)
+
+
+def _text(*renderables: RenderableType) -> str:
+    out = io.StringIO()
+    Console(file=out, width=250, color_system=None).print(*renderables, sep="\n")
+    return out.getvalue()
+
+
+def _rows(table: RenderableType) -> list[list[str]]:
+    """The cells of each body row of a bordered table (its header is drawn with other
+    lines)."""
+    return [
+        [cell.strip() for cell in line.split("│")[1:-1]]
+        for line in _text(table).splitlines()
+        if "│" in line
+    ]
+
+
+SUMMARY = RunSummary(
+    7, "order_completed", "local", "incremental", "succeeded", 10, 3, 1, 4, 0, None, 1.234
+)
+SKIPPED = MappingProxyType({"null_id": 3, "duplicate_id": 1})
+RECORD = RunRecord(
+    7,
+    "order_completed",
+    "local",
+    "incremental",
+    "schedule",
+    "partial",
+    STARTED,
+    FINISHED,
+    10,
+    3,
+    1,
+    4,
+    2,
+    SKIPPED,
+    "2 user(s) rejected",
+)
+
+
+@pytest.mark.parametrize(
+    ("status", "markup"),
+    [
+        ("succeeded", "[green]succeeded[/]"),
+        ("partial", "[yellow]partial[/]"),
+        ("failed", "[red]failed[/]"),
+        ("blocked", "[red]blocked[/]"),
+        ("skipped", "[dim]skipped[/]"),
+        ("running", "[cyan]running[/]"),
+        ("something new", "[white]something new[/]"),
+    ],
+)
+def test_status_word(status: str, markup: str) -> None:
+    assert render.status_word(status) == markup
+
+
+def test_summaries_table() -> None:
+    table = render.summaries_table(
+        [SUMMARY, replace(SUMMARY, status="failed", error="[boom] gone")]
+    )
+    assert [column.header for column in table.columns] == [
+        "run", "audience", "destination", "mode", "status", "members", "entered", "exited",
+        "sent", "failed", "seconds", "error",
+    ]  # fmt: skip
+    # An error's brackets are text, not markup.
+    assert _rows(table) == [
+        ["7", "order_completed", "local", "incremental", "succeeded", "10", "3", "1", "4", "0",
+         "1.23", ""],
+        ["7", "order_completed", "local", "incremental", "failed", "10", "3", "1", "4", "0",
+         "1.23", "[boom] gone"],
+    ]  # fmt: skip
+
+
+def test_demo_table_fits_80_columns() -> None:
+    long_key = "order_completed_last_30days"
+    table = render.demo_table([replace(SUMMARY, audience_key=long_key), SUMMARY])
+    lines = _text(table).splitlines()
+    assert lines[0].strip() == "sync history"
+    assert lines[1].split() == [
+        "audience", "mode", "status", "members", "entered", "exited", "sent",
+    ]  # fmt: skip
+    assert lines[2].split() == [long_key, "incremental", "succeeded", "10", "3", "1", "4"]
+    assert max(len(line.rstrip()) for line in lines) <= 80
+
+
+def test_history_table_cuts_times_to_the_second() -> None:
+    table = render.history_table([replace(RECORD, error=None)])
+    assert [column.header for column in table.columns][:7] == [
+        "run", "audience", "destination", "mode", "trigger", "status", "started",
+    ]  # fmt: skip
+    [row] = _rows(table)
+    assert row == [
+        "7", "order_completed", "local", "incremental", "schedule", "partial",
+        "2026-11-28T09:30:15", "10", "3", "1", "4", "2", "",
+    ]  # fmt: skip
+
+
+def test_run_json_keeps_every_field_in_order() -> None:
+    record = render.run_json(replace(RECORD, finished_at=None))
+    assert list(record) == [
+        "id", "audience", "destination", "mode", "trigger", "status", "started_at",
+        "finished_at", "members", "entered", "exited", "sent", "failed", "skipped_rows",
+        "error",
+    ]  # fmt: skip
+    assert record["started_at"] == "2026-11-28T09:30:15.123456+00:00"
+    assert record["finished_at"] is None
+    assert record["skipped_rows"] == {"null_id": 3, "duplicate_id": 1}
+    assert json.loads(json.dumps(record)) == record
+
+
+def test_run_detail_json_and_text() -> None:
+    failure = RunFailure(user="u1", value=False, status=None, message="timed [out]")
+    detail = RunDetail(RECORD, (failure,))
+    assert render.run_detail_json(detail)["failures"] == [
+        {"user": "u1", "value": False, "status": None, "message": "timed [out]"}
+    ]
+    text = _text(*render.run_detail(detail))
+    fields = dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
+    assert fields["status"] == "partial"
+    assert fields["started_at"] == "2026-11-28T09:30:15.123456+00:00"
+    assert fields["error"] == "2 user(s) rejected"
+    assert fields["skipped_rows"] == "null_id=3, duplicate_id=1"
+    assert "per-user failures" in text
+    assert ["u1", "false", "", "timed [out]"] in _rows(render.run_detail(detail)[-1])
+
+    plain = _text(*render.run_detail(RunDetail(replace(RECORD, skipped_rows={}, error=None), ())))
+    assert "skipped_rows: none" in plain and "error: None" in plain
+    assert "per-user failures" not in plain
+
+
+def test_audiences_table() -> None:
+    listing = [
+        AudienceListing("a", "A", "shop", "every 2h", ("local", "ortto"), False),
+        AudienceListing("b", "B", "shop", "0 * * * *", (), True),
+    ]
+    assert _rows(render.audiences_table(listing)) == [
+        ["a", "A", "shop", "every 2h", "local, ortto", ""],
+        ["b", "B", "shop", "0 * * * *", "", "yes"],
+    ]
+
+
+def test_failing_users_table() -> None:
+    assert render.failing_users_table([]) == "no quarantined users"
+    user = FailingUser("a", "ortto", "u1", True, 5, True, 400, "invalid", 9)
+    assert _rows(render.failing_users_table([user])) == [
+        ["a", "ortto", "u1", "true", "5", "yes", "400", "invalid", "9"]
+    ]
+
+
+def test_status_table() -> None:
+    never = PairStatus(1, "a", "local", "every 2h", None, None, None, STARTED, False)
+    running = PairStatus(2, "b", "local", "every 2h", 4, "running", STARTED, FINISHED, True)
+    assert _rows(render.status_table([never, running])) == [
+        ["a", "local", "every 2h", "", "never", "", "2026-11-28T09:30:15", ""],
+        ["b", "local", "every 2h", "4", "running", "2026-11-28T09:30:15",
+         "2026-11-28T09:31:00", "yes"],
+    ]  # fmt: skip
+
+
+def test_apply_lines_name_only_what_happened() -> None:
+    report = ApplyReport(created=["a", "b"], archived=["c"])
+    assert render.apply_lines(report) == ["created: a, b", "archived: c"]
+    assert render.apply_lines(ApplyReport()) == []
+
+
+@pytest.mark.parametrize(
+    ("is_ok", "message", "line"),
+    [
+        (True, "key accepted", "ortto: [green]ok[/] key accepted"),
+        (False, "HTTP 401 [unauthorized]", "ortto: [red]failed[/] HTTP 401 \\[unauthorized]"),
+    ],
+)
+def test_check_line(is_ok: bool, message: str, line: str) -> None:
+    assert render.check_line("ortto", is_ok, message) == line

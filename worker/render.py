@@ -1,0 +1,213 @@
+"""How runs, audiences, statuses and failures look on a terminal and as JSON: pure functions
+from the service's plain values to rich renderables and JSON records, shared by the CLI and
+the demo. Nothing here reads a database or prints."""
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+from rich.console import RenderableType
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from worker.reports import AudienceListing, FailingUser, RunDetail, RunRecord
+from worker.service import ApplyReport, PairStatus, RunSummary
+
+STATUS_COLOURS = {
+    "succeeded": "green",
+    "partial": "yellow",
+    "failed": "red",
+    "blocked": "red",
+    "skipped": "dim",
+    "running": "cyan",
+}
+# `runs show` lists every field of the run, then its skipped rows (a line of their own).
+RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunRecord) if f.name != "skipped_rows")
+# fmt: off
+HISTORY_COLUMNS = (
+    "run", "audience", "destination", "mode", "trigger", "status", "started", "members",
+    "entered", "exited", "sent", "failed", "error",
+)
+FAILING_USER_COLUMNS = (
+    "audience", "destination", "user", "value", "rejections", "quarantined", "status",
+    "message", "last run",
+)
+STATUS_COLUMNS = (
+    "audience", "destination", "schedule", "last run", "status", "started", "next due",
+    "running",
+)
+# fmt: on
+
+_SummaryColumn = Callable[[RunSummary], str]
+_SUMMARY_COLUMNS: dict[str, _SummaryColumn] = {
+    "run": lambda s: str(s.run_id),
+    "audience": lambda s: s.audience_key,
+    "destination": lambda s: s.destination,
+    "mode": lambda s: s.mode,
+    "status": lambda s: status_word(s.status),
+    "members": lambda s: str(s.members),
+    "entered": lambda s: str(s.entered),
+    "exited": lambda s: str(s.exited),
+    "sent": lambda s: str(s.sent),
+    "failed": lambda s: str(s.failed),
+    "seconds": lambda s: f"{s.duration_seconds:.2f}",
+    "error": lambda s: escape(s.error or ""),
+}
+# The demo's columns: the ones that tell the story of an initial then incremental sync.
+_DEMO_COLUMNS = ("audience", "mode", "status", "members", "entered", "exited", "sent")
+
+
+def status_word(status: str) -> str:
+    """A run status in its colour (rich markup)."""
+    return f"[{STATUS_COLOURS.get(status, 'white')}]{status}[/]"
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else ""
+
+
+def _time(value: datetime | None) -> str:
+    # To the second: the table stays narrow; JSON and `runs show` keep the full time.
+    return value.isoformat()[:19] if value is not None else ""
+
+
+def summaries_table(summaries: Sequence[RunSummary]) -> Table:
+    """The runs a command just made, one row each."""
+    table = Table(*_SUMMARY_COLUMNS)
+    for summary in summaries:
+        table.add_row(*(cell(summary) for cell in _SUMMARY_COLUMNS.values()))
+    return table
+
+
+def demo_table(summaries: Sequence[RunSummary]) -> Table:
+    """The demo's runs, borderless, so that full audience keys fit an 80-column terminal."""
+    table = Table(
+        *_DEMO_COLUMNS,
+        title="sync history",
+        box=None,
+        pad_edge=False,
+        padding=(0, 1, 0, 0),
+        collapse_padding=True,
+    )
+    table.columns[0].min_width = max((len(s.audience_key) for s in summaries), default=8)
+    for summary in summaries:
+        table.add_row(*(_SUMMARY_COLUMNS[name](summary) for name in _DEMO_COLUMNS))
+    return table
+
+
+def history_table(records: Sequence[RunRecord]) -> Table:
+    table = Table(*HISTORY_COLUMNS)
+    for r in records:
+        table.add_row(
+            str(r.id),
+            r.audience,
+            r.destination,
+            r.mode,
+            r.trigger,
+            status_word(r.status),
+            _time(r.started_at),
+            *(str(n) for n in (r.members, r.entered, r.exited, r.sent, r.failed)),
+            escape(r.error or ""),
+        )
+    return table
+
+
+def run_json(record: RunRecord) -> dict[str, Any]:
+    """One run as a JSON object (`history --json` prints one a line)."""
+    fields = {field.name: getattr(record, field.name) for field in dataclasses.fields(record)}
+    return {
+        **fields,
+        "started_at": record.started_at.isoformat(),
+        "finished_at": record.finished_at.isoformat() if record.finished_at else None,
+        "skipped_rows": dict(record.skipped_rows),
+    }
+
+
+def run_detail_json(detail: RunDetail) -> dict[str, Any]:
+    """One run with its per-user failures, as `runs show --json` prints it."""
+    return {
+        **run_json(detail.run),
+        "failures": [
+            {"user": f.user, "value": f.value, "status": f.status, "message": f.message}
+            for f in detail.failures
+        ],
+    }
+
+
+def run_detail(detail: RunDetail) -> list[RenderableType]:
+    """One run field by field (`name: value` lines), its skipped rows and its failures."""
+    record = run_json(detail.run)
+    lines: list[RenderableType] = [
+        Text.assemble((f"{name}:", "bold"), f" {record[name]}") for name in RUN_FIELDS
+    ]
+    skipped = ", ".join(f"{reason}={count}" for reason, count in detail.run.skipped_rows.items())
+    lines.append(Text.assemble(("skipped_rows:", "bold"), f" {skipped or 'none'}"))
+    if detail.failures:
+        table = Table("user", "value", "status", "message", title="per-user failures")
+        for f in detail.failures:
+            table.add_row(f.user, str(f.value).lower(), str(f.status or ""), escape(f.message))
+        lines.append(table)
+    return lines
+
+
+def audiences_table(audiences: Sequence[AudienceListing]) -> Table:
+    table = Table("key", "name", "source", "schedule", "destinations", "archived")
+    for a in audiences:
+        table.add_row(
+            a.key, a.name, a.source, a.schedule, ", ".join(a.destinations), _yes(a.is_archived)
+        )
+    return table
+
+
+def failing_users_table(users: Sequence[FailingUser]) -> RenderableType:
+    if not users:
+        return "no quarantined users"
+    table = Table(*FAILING_USER_COLUMNS)
+    for u in users:
+        table.add_row(
+            u.audience,
+            u.destination,
+            u.user,
+            str(u.value).lower(),
+            str(u.rejections),
+            _yes(u.is_quarantined),
+            str(u.last_status or ""),
+            escape(u.last_message),
+            str(u.last_run_id),
+        )
+    return table
+
+
+def status_table(rows: Sequence[PairStatus]) -> Table:
+    table = Table(*STATUS_COLUMNS)
+    for row in rows:
+        table.add_row(
+            row.audience_key,
+            row.destination,
+            row.schedule,
+            str(row.last_run_id or ""),
+            status_word(row.last_status) if row.last_status else "never",
+            _time(row.last_started_at),
+            _time(row.next_due_at),
+            _yes(row.is_running),
+        )
+    return table
+
+
+def apply_lines(report: ApplyReport) -> list[str]:
+    """What `apply` did, one line per kind of change that happened."""
+    kinds = (
+        ("created", report.created),
+        ("updated", report.updated),
+        ("archived", report.archived),
+        ("unchanged", report.unchanged),
+    )
+    return [f"{label}: {', '.join(keys)}" for label, keys in kinds if keys]
+
+
+def check_line(destination: str, is_ok: bool, message: str) -> str:
+    """One destination's credential check (rich markup)."""
+    mark = "[green]ok[/]" if is_ok else "[red]failed[/]"
+    return f"{destination}: {mark} {escape(message)}"

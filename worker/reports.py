@@ -1,0 +1,167 @@
+"""The read side: what the CLI (and later a console) shows of the state database, as plain
+frozen values; no ORM object leaves this module."""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from types import MappingProxyType
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from models.sync import SyncRun
+from worker.repositories import audiences as audience_repo
+from worker.repositories import runs as run_repo
+
+
+@dataclass(frozen=True, slots=True)
+class AudienceListing:
+    """One audience as `audiences list` shows it."""
+
+    key: str
+    name: str
+    source: str
+    schedule: str
+    destinations: tuple[str, ...]  # the enabled ones, in the order they were linked
+    is_archived: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    """One run of the history, with the names of its audience and destination."""
+
+    id: int
+    audience: str
+    destination: str
+    mode: str
+    trigger: str
+    status: str
+    started_at: datetime
+    finished_at: datetime | None
+    members: int
+    entered: int
+    exited: int
+    sent: int
+    failed: int
+    skipped_rows: Mapping[str, int]  # reason -> count
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RunFailure:
+    """One user's rejected call in a run."""
+
+    user: str
+    value: bool
+    status: int | None
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class RunDetail:
+    run: RunRecord
+    failures: tuple[RunFailure, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class FailingUser:
+    """A user whose latest delivery to a destination was rejected."""
+
+    audience: str
+    destination: str
+    user: str
+    value: bool
+    rejections: int  # in a row
+    is_quarantined: bool
+    last_status: int | None
+    last_message: str
+    last_run_id: int
+
+
+class ReportService:
+    """Read-only questions about audiences, runs and failures; one session per question,
+    never a write."""
+
+    def __init__(self, *, session_factory: sessionmaker[Session]) -> None:
+        self._sessions = session_factory
+
+    def audiences(self) -> list[AudienceListing]:
+        """Every audience (archived ones too), by key."""
+        with self._sessions() as session:
+            names = {d.id: d.name for d in audience_repo.destinations_by_name(session).values()}
+            return [
+                AudienceListing(
+                    key=audience.key,
+                    name=audience.name,
+                    source=audience.source.name,
+                    schedule=audience.schedule,
+                    destinations=tuple(
+                        names[link.destination_id] for link in audience.links if link.is_enabled
+                    ),
+                    is_archived=audience.is_archived,
+                )
+                for audience in audience_repo.all_audiences(session)
+            ]
+
+    def history(self, *, audience_key: str | None = None, limit: int = 20) -> list[RunRecord]:
+        """The latest `limit` runs, newest first (of one audience, if given)."""
+        with self._sessions() as session:
+            rows = run_repo.history(session, audience_key=audience_key, limit=limit)
+            return [_record(run, key, name) for run, key, name in rows]
+
+    def run(self, run_id: int) -> RunDetail | None:
+        """One run with its per-user failures; None if there is no such run."""
+        with self._sessions() as session:
+            run = run_repo.get_run(session, run_id)
+            if run is None:
+                return None
+            key, name = audience_repo.names_of_pair(session, run.audience_id, run.destination_id)
+            failures = tuple(
+                RunFailure(user=f.member_id, value=f.value, status=f.status, message=f.message)
+                for f in run_repo.failures_of_run(session, run_id)
+            )
+            return RunDetail(_record(run, key, name), failures)
+
+    def failing_users(
+        self, *, audience_key: str | None = None, only_quarantined: bool = True
+    ) -> list[FailingUser]:
+        """Users whose latest delivery was rejected (only the quarantined ones by default),
+        by audience, destination and user."""
+        with self._sessions() as session:
+            rows = run_repo.failing_members(
+                session, audience_key=audience_key, only_quarantined=only_quarantined
+            )
+            return [
+                FailingUser(
+                    audience=key,
+                    destination=name,
+                    user=member.member_id,
+                    value=member.last_value,
+                    rejections=member.consecutive_failures,
+                    is_quarantined=member.is_quarantined,
+                    last_status=member.last_status,
+                    last_message=member.last_message,
+                    last_run_id=member.last_run_id,
+                )
+                for member, key, name in rows
+            ]
+
+
+def _record(run: SyncRun, audience_key: str, destination_name: str) -> RunRecord:
+    return RunRecord(
+        id=run.id,
+        audience=audience_key,
+        destination=destination_name,
+        mode=run.mode,
+        trigger=run.trigger,
+        status=run.status,
+        started_at=run.started_at,
+        finished_at=run.finished_at,
+        members=run.members,
+        entered=run.entered,
+        exited=run.exited,
+        sent=run.sent,
+        failed=run.failed,
+        # Read-only: a frozen record should not hand out a dict its reader could change.
+        skipped_rows=MappingProxyType(dict(run.skipped_rows or {})),
+        error=run.error,
+    )
