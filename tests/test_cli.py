@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.databases import ShopSource, state_database
-from tests.fixtures.factories import audience, read_calls, write_config
-from tests.fixtures.guarantees import error_lines, invoke, point_cli_at
 from worker.db import make_engine, make_session_factory
 from worker.pool import DestinationPool, http_options
 from worker.service import SyncRequest, SyncService
 from worker.settings import Settings, get_settings
+from worker.testing.databases import ShopSource, state_database
+from worker.testing.factories import audience, read_calls, write_config
+from worker.testing.guarantees import error_lines, invoke, point_cli_at
 
 
 @pytest.fixture

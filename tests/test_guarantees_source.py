@@ -8,7 +8,6 @@
 """
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +15,15 @@ import pytest
 from sqlalchemy import func, select, text
 
 from models import Snapshot, SnapshotMember, SyncedMember, SyncRun
-from tests.fixtures.databases import ShopSource, postgres_database
-from tests.fixtures.factories import audience, read_calls, write_config
-from tests.fixtures.guarantees import invoke, point_cli_at
 from worker.config import load_config
 from worker.errors import ConfigError
 from worker.repositories import snapshots as snapshot_repo
 from worker.runtime import Runtime, build_runtime
 from worker.service import SyncRequest, SyncService
-from worker.settings import Settings, get_settings
+from worker.settings import Settings
+from worker.testing.databases import ShopSource, postgres_database
+from worker.testing.factories import audience, read_calls, write_config
+from worker.testing.guarantees import invoke
 
 KEY = "source_test"
 GOOD_QUERY = "select user_id, email from people where a = 1"
@@ -32,13 +31,6 @@ HEAVY_SQLITE = (
     "(with recursive r(n) as (select 1 union all select n + 1 from r where n < 2000000000) "
     "select count(*) as n from r)"
 )
-
-
-@pytest.fixture
-def cli(state_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    point_cli_at(monkeypatch, state_url)
-    yield
-    get_settings.cache_clear()
 
 
 def _apply(

@@ -1,15 +1,10 @@
 """The read side on both state databases: audiences, history, one run and failing users,
 returned as plain values."""
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.fixtures.databases import ShopSource
-from tests.fixtures.factories import apply_file, audience, sync_all, write_config
-from tests.fixtures.fake_destinations import FakeDestinations
-from tests.fixtures.guarantees import running_fake, sync_to_fake
 from worker.reports import (
     AudienceListing,
     FailingUser,
@@ -19,17 +14,15 @@ from worker.reports import (
 )
 from worker.runtime import Runtime
 from worker.service import SyncRequest
+from worker.testing.databases import ShopSource
+from worker.testing.factories import apply_file, audience, sync_all, write_config
+from worker.testing.fake_destinations import FakeDestinations
+from worker.testing.guarantees import sync_to_fake
 
 
 @pytest.fixture
 def reports(runtime: Runtime) -> ReportService:
     return ReportService(session_factory=runtime.sessions)
-
-
-@pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDestinations]:
-    with running_fake(monkeypatch) as server:
-        yield server
 
 
 def _apply(runtime: Runtime, tmp_path: Path, shop: ShopSource, *flags: str) -> None:

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.databases import ShopSource
 from worker.errors import SourceError
 from worker.sources import SourceRow, check_query, clean_row, stream_source
+from worker.testing.databases import ShopSource
 
 
 @pytest.mark.parametrize(
