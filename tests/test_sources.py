@@ -6,7 +6,7 @@ import pytest
 
 from tests.fixtures.databases import ShopSource
 from worker.errors import SourceError
-from worker.sources import SourceRow, check_query, clean_row, stream_source
+from worker.sources import PADDED_ID, SourceRow, check_query, clean_row, stream_source
 
 
 @pytest.mark.parametrize(
@@ -17,7 +17,10 @@ from worker.sources import SourceRow, check_query, clean_row, stream_source
         (None, "anon", None, SourceRow("anon", True, None)),
         ("", "anon", None, SourceRow("anon", True, None)),
         ("u1", "anon", None, SourceRow("u1", False, None)),
-        ("  u1  ", None, "  ", SourceRow("u1", False, None)),
+        ("  u1  ", None, "  ", SourceRow("  u1  ", False, None)),  # the id as it is
+        ("Alice", None, None, SourceRow("Alice", False, None)),  # no case folding
+        ("\talice\n", None, None, SourceRow("\talice\n", False, None)),
+        ("   ", "anon", None, SourceRow("anon", True, None)),  # only whitespace: no id
         ("u1", None, "x" * 256, SourceRow("u1", False, None)),
         (None, None, "a@x.io", "null_id"),
         ("   ", None, None, "null_id"),
@@ -29,6 +32,36 @@ def test_clean_row(
     user_id: object, anonymous_id: object, email: object, expected: SourceRow | str
 ) -> None:
     assert clean_row(user_id, anonymous_id, email) == expected
+
+
+@pytest.mark.parametrize(
+    ("member_id", "is_padded"),
+    [(" alice ", True), ("alice ", True), ("\talice", True), ("alice", False), ("a b", False)],
+)
+def test_padded_ids(member_id: str, is_padded: bool) -> None:
+    assert SourceRow(member_id, False, None).is_padded is is_padded
+
+
+def test_padded_ids_are_kept_and_counted(shop: ShopSource) -> None:
+    shop.add([(" alice ", None, 1, 0, 0), ("alice", None, 1, 0, 0), ("ALICE", None, 1, 0, 0)])
+    [chunk] = stream_source(
+        shop.url,
+        "select user_id, email from people",
+        timeout_seconds=10,
+        fetch_size=10,
+        source_name="shop",
+    )
+    rows = [item for item in chunk if isinstance(item, SourceRow)]
+    assert sorted(row.member_id for row in rows) == [" alice ", "ALICE", "alice"]
+    assert [item for item in chunk if isinstance(item, str)] == [PADDED_ID]
+    assert chunk[chunk.index(SourceRow(" alice ", False, None)) + 1] == PADDED_ID
+
+
+def test_postgres_scheme_is_postgresql(backend: str, shop: ShopSource) -> None:
+    if backend != "postgresql":
+        pytest.skip("a PostgreSQL URL")
+    url = shop.url.replace("postgresql+psycopg://", "postgres://")
+    assert check_query(url, "select user_id from people", timeout_seconds=10, source_name="s")
 
 
 def test_stream_in_chunks(shop: ShopSource) -> None:

@@ -20,7 +20,11 @@ def audience_key(name: str) -> str:
     ascii_name = inflection.transliterate(name)
     key = _NON_WORD.sub("_", inflection.underscore(ascii_name).lower()).strip("_")
     if not key:
-        raise ConfigError(f"audience name {name!r} has no letters or digits to make a key from")
+        # Transliteration knows Latin accents only: 日本のユーザー leaves nothing to keep.
+        raise ConfigError(
+            f"audience name {name!r} has no Latin letters or digits to make a key from: "
+            "pin one with `key:` (snake_case, e.g. `key: japan_users`)"
+        )
     return key
 
 
