@@ -61,7 +61,7 @@ def _table_rows(output: str, width: int) -> list[list[str]]:
 def _sync(*args: str) -> tuple[int, list[dict[str, object]]]:
     result = invoke("sync", *args)
     history = invoke("history", "--json")
-    return result.exit_code, [json.loads(line) for line in history.stdout.splitlines()]
+    return result.exit_code, json.loads(history.stdout)
 
 
 def test_apply_creates_updates_and_archives(state: str, shop: ShopSource, tmp_path: Path) -> None:
@@ -103,17 +103,19 @@ def test_sync_and_history(state: str, shop: ShopSource, tmp_path: Path) -> None:
     code, runs = _sync("order_completed", "--full")
     assert code == 0 and (runs[0]["mode"], runs[0]["sent"]) == ("full", 2)
 
-    history = [json.loads(line) for line in invoke("history", "--json").stdout.splitlines()]
+    history = json.loads(invoke("history", "--json").stdout)
     assert [r["id"] for r in history] == [4, 3, 2, 1]  # newest first
     assert set(history[0]) >= {
         "id", "audience", "destination", "mode", "trigger", "status", "started_at",
         "finished_at", "members", "entered", "exited", "sent", "failed", "skipped_rows",
-        "error",
+        "error", "duration_seconds",
     }  # fmt: skip
+    assert all(isinstance(r["duration_seconds"], float) for r in history)
     limited = invoke("history", "--json", "--limit", "1", "--audience", "high_value_customers")
-    assert [json.loads(line)["id"] for line in limited.stdout.splitlines()] == [1]
-    table = _table_rows(invoke("history").stdout, 13)
+    assert [r["id"] for r in json.loads(limited.stdout)] == [1]
+    table = _table_rows(invoke("history").stdout, 14)
     assert [row[0] for row in table] == ["4", "3", "2", "1"]
+    assert all(row[7].endswith("s") for row in table)  # each run's duration
 
 
 @pytest.mark.parametrize(
@@ -123,6 +125,11 @@ def test_sync_and_history(state: str, shop: ShopSource, tmp_path: Path) -> None:
         (["sync", "order_completed", "--all"], "not both"),
         (["sync", "--destination", "nowhere"], "no destination named 'nowhere'"),
         (["runs", "show", "999"], "no run 999"),
+        (["runs", "show", "999", "--json"], "no run 999"),
+        (["history", "--audience", "no_such_audience"], "no audience with key 'no_such_audience'"),
+        (["history", "--audience", "nope", "--json"], "no audience with key 'nope'"),
+        (["failures", "--audience", "nope"], "no audience with key 'nope'"),
+        (["failures", "--audience", "nope", "--json"], "no audience with key 'nope'"),
         (["archive", "no_such_audience"], "no audience with key 'no_such_audience'"),
         (["apply", "no-such-file.yml"], "cannot read no-such-file.yml"),
         (["destinations", "check", "nowhere"], "no destination named 'nowhere'"),
@@ -210,7 +217,7 @@ def test_db_upgrade(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     get_settings.cache_clear()
     try:
         first = invoke("db", "upgrade")
-        assert first.exit_code == 0 and "up to date" in first.stdout
+        assert first.exit_code == 0 and "created the schema at revision" in first.stdout
         assert (tmp_path / "new.db").exists()
         assert invoke("audiences", "list").exit_code == 0
     finally:
