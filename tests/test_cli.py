@@ -9,7 +9,7 @@ import pytest
 
 from tests.fixtures.databases import ShopSource, state_database
 from tests.fixtures.factories import audience, read_calls, write_config
-from tests.fixtures.guarantees import error_lines, invoke, point_cli_at
+from tests.fixtures.guarantees import cli_env, error_lines, invoke, point_cli_at, run_cli
 from worker.db import make_engine, make_session_factory
 from worker.pool import DestinationPool, http_options
 from worker.service import SyncRequest, SyncService
@@ -222,3 +222,79 @@ def test_db_upgrade(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         assert invoke("audiences", "list").exit_code == 0
     finally:
         get_settings.cache_clear()
+
+
+def test_every_read_command_prints_one_json_document(
+    state: str, shop: ShopSource, tmp_path: Path
+) -> None:
+    invoke("apply", str(_config(tmp_path, shop, "Order Completed", "High-Value Customers")))
+    invoke("sync")
+    documents = {}
+    for args in (
+        ("status",),
+        ("audiences", "list"),
+        ("history",),
+        ("history", "--audience", "order_completed"),
+        ("runs", "show", "1"),
+        ("failures",),
+        ("failures", "--all", "--audience", "order_completed"),
+    ):
+        result = invoke(*args, "--json")
+        assert result.exit_code == 0, result.output
+        documents[args] = json.loads(result.stdout)  # one document, not lines
+        assert isinstance(documents[args], list | dict)
+    assert [r["audience_key"] for r in documents[("status",)]] == [
+        "high_value_customers",
+        "order_completed",
+    ]
+    assert documents[("status",)][0]["last_status"] == "succeeded"
+    assert documents[("audiences", "list")][1] == {
+        "key": "order_completed",
+        "name": "Order Completed",
+        "source": "shop",
+        "schedule": "every 2h",
+        "destinations": ["local"],
+        "is_archived": False,
+    }
+    assert [r["id"] for r in documents[("history",)]] == [2, 1]
+    assert [r["id"] for r in documents[("history", "--audience", "order_completed")]] == [2]
+    assert documents[("runs", "show", "1")]["id"] == 1
+    assert documents[("failures",)] == []
+
+
+LONG_NAME = "Customers Who Completed An Order In The Last Thirty Days"
+LONG_KEY = "customers_who_completed_an_order_in_the_last_thirty_days"
+LONG_TABLE = "orders_completed_by_customers_in_the_last_thirty_days_of_the_year"
+
+
+def test_piped_output_is_full_width_and_uncoloured(
+    state: str, shop: ShopSource, tmp_path: Path
+) -> None:
+    """A real process writing to a pipe, in an 80-column environment: nothing is cut."""
+    broken = {**audience(LONG_NAME, "a"), "query": f"select user_id from {LONG_TABLE}"}
+    config = write_config(tmp_path, source_url=shop.url, audiences=[broken])
+    env = {**cli_env(state), "COLUMNS": "80", "TERM": "xterm-256color"}
+    env.pop("NO_COLOR", None)
+    assert run_cli("apply", str(config), "--no-check-queries", env=env).returncode == 0
+    synced = run_cli("sync", env=env)
+    assert synced.returncode == 1
+    outputs = [synced.stdout]
+    for args in (
+        ("status",),
+        ("audiences", "list"),
+        ("history",),
+        ("runs", "show", "1"),
+        ("failures", "--all"),
+    ):
+        result = run_cli(*args, env=env)
+        assert result.returncode == 0, result.stderr
+        outputs.append(result.stdout)
+    for output in outputs:
+        assert "…" not in output
+        assert "\x1b[" not in output  # no colour codes
+    history = outputs[3]
+    [row] = _table_rows(history, 14)
+    assert row[1] == LONG_KEY
+    assert LONG_TABLE in row[-1] and row[-1].startswith("source shop: ")
+    assert max(len(line) for line in history.splitlines()) > 80
+    assert LONG_NAME in outputs[2]
