@@ -22,8 +22,9 @@ def audience_key(name: str) -> str:
     if not key:
         # Transliteration knows Latin accents only: 日本のユーザー leaves nothing to keep.
         raise ConfigError(
-            f"audience name {name!r} has no Latin letters or digits to make a key from: "
-            "pin one with `key:` (snake_case, e.g. `key: japan_users`)"
+            f"audience name {name!r} has no letters or digits to make a key from (a key is "
+            "Latin letters, digits and underscores): pin one with `key:` on the audience, "
+            "e.g. `key: japan_users`"
         )
     return key
 
