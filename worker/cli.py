@@ -1,8 +1,4 @@
-"""The `audience-sync` command line: thin commands that call the service.
-
-Exit statuses: 0 done; 1 a run failed, was blocked or partly rejected (or an unexpected
-error); 2 a usage or environment error the user can fix, told in one line.
-"""
+"""The `audience-sync` command line: thin commands that call the service."""
 
 import json
 import logging
@@ -33,7 +29,12 @@ from worker.settings import get_settings
 
 # No pretty tracebacks: a user sees one line; `--debug` prints the plain traceback.
 app = typer.Typer(
-    no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False
+    no_args_is_help=True,
+    add_completion=False,
+    help=f"{__doc__}\n\n"
+    "Exit status: 0 done; 1 a run failed, was blocked or partly rejected, or an unexpected "
+    "error; 2 a usage or environment error, told in one line (nothing was changed).",
+    pretty_exceptions_enable=False,
 )
 db_app = typer.Typer(no_args_is_help=True, help="State database schema.")
 audiences_app = typer.Typer(no_args_is_help=True, help="Audiences in the state database.")
