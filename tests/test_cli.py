@@ -1,7 +1,9 @@
 """The `audience-sync` command line, through typer's CliRunner (SQLite state database, the
 file destination): what each command prints and its exit status."""
 
+import io
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pytest
 from tests.fixtures.databases import ShopSource, state_database
 from tests.fixtures.factories import audience, read_calls, write_config
 from tests.fixtures.guarantees import cli_env, error_lines, invoke, point_cli_at, run_cli
+from worker import cli
 from worker.db import make_engine, make_session_factory
 from worker.pool import DestinationPool, http_options
 from worker.service import SyncRequest, SyncService
@@ -298,3 +301,29 @@ def test_piped_output_is_full_width_and_uncoloured(
     assert LONG_TABLE in row[-1] and row[-1].startswith("source shop: ")
     assert max(len(line) for line in history.splitlines()) > 80
     assert LONG_NAME in outputs[2]
+
+
+def test_consoles_are_full_width_and_uncoloured_only_off_a_terminal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    piped = cli.make_console()  # pytest captures stdout: not a terminal
+    assert (piped.width, piped.no_color, piped.color_system) == (cli.PIPED_WIDTH, True, None)
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    terminal = cli.make_console()
+    assert (terminal.width, terminal.no_color) == (80, False)
+
+
+def test_a_directory_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    result = invoke("demo", "--dir", str(blocker / "demo"))
+    assert result.exit_code == 2
+    [line] = error_lines(result)
+    assert line.startswith("error: ") and "not-a-directory" in line, line

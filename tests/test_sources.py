@@ -3,10 +3,18 @@
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 
-from tests.fixtures.databases import ShopSource
+from tests.fixtures.databases import ShopSource, postgres_database
 from worker.errors import SourceError
-from worker.sources import PADDED_ID, SourceRow, check_query, clean_row, stream_source
+from worker.sources import (
+    PADDED_ID,
+    SourceRow,
+    check_query,
+    clean_row,
+    dispose_source_engines,
+    stream_source,
+)
 
 
 @pytest.mark.parametrize(
@@ -57,11 +65,14 @@ def test_padded_ids_are_kept_and_counted(shop: ShopSource) -> None:
     assert chunk[chunk.index(SourceRow(" alice ", False, None)) + 1] == PADDED_ID
 
 
-def test_postgres_scheme_is_postgresql(backend: str, shop: ShopSource) -> None:
-    if backend != "postgresql":
-        pytest.skip("a PostgreSQL URL")
-    url = shop.url.replace("postgresql+psycopg://", "postgres://")
-    assert check_query(url, "select user_id from people", timeout_seconds=10, source_name="s")
+@pytest.mark.postgres
+@pytest.mark.parametrize("scheme", ["postgres", "postgresql"])
+def test_postgres_urls_without_a_driver_are_postgresql(scheme: str) -> None:
+    with postgres_database(migrated=False) as url:
+        plain = make_url(url).set(drivername=scheme).render_as_string(hide_password=False)
+        columns = check_query(plain, "select 1 as user_id", timeout_seconds=10, source_name="s")
+        assert columns == ["user_id"]
+        dispose_source_engines()
 
 
 def test_stream_in_chunks(shop: ShopSource) -> None:

@@ -140,7 +140,8 @@ def _errors() -> Iterator[None]:
     traceback)."""
     try:
         yield
-    except (AudienceSyncError, ValidationError) as exc:
+    except (AudienceSyncError, ValidationError, OSError) as exc:
+        # OSError: a file or directory the user named cannot be read or written.
         if out.is_debug:
             traceback.print_exc()
         _fail(_settings_message(exc) if isinstance(exc, ValidationError) else str(exc))
