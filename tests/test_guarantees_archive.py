@@ -59,7 +59,7 @@ def test_archive_with_exit_members_sends_false_to_every_member(
     assert fake.state("ortto")[KEY] == dict.fromkeys(held, False)
     assert len(fake.items("ortto")) == len(held)  # each once; u8 and u9 not again
     assert _audiences() == {KEY: True}
-    run = json.loads(invoke("history", "--audience", KEY, "--limit", "1", "--json").stdout)
+    [run] = json.loads(invoke("history", "--audience", KEY, "--limit", "1", "--json").stdout)
     assert (run["mode"], run["status"], run["exited"], run["sent"]) == (
         "archive",
         "succeeded",

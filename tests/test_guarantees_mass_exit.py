@@ -73,7 +73,7 @@ def _snapshots(runtime: Runtime) -> int:
 
 def _last_run() -> dict[str, object]:
     history = invoke("history", "--audience", KEY, "--limit", "1", "--json")
-    record: dict[str, object] = json.loads(history.stdout)
+    [record] = json.loads(history.stdout)
     return record
 
 

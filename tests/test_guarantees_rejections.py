@@ -26,7 +26,7 @@ def _sync(*args: str) -> tuple[int, dict[str, Any]]:
     """`sync KEY ARGS`: the exit status and the run, as `runs show --json` tells it."""
     result = invoke("sync", KEY, *args)
     history = invoke("history", "--audience", KEY, "--limit", "1", "--json")
-    run_id = json.loads(history.stdout)["id"]
+    run_id = json.loads(history.stdout)[0]["id"]
     shown = invoke("runs", "show", str(run_id), "--json")
     assert shown.exit_code == 0, shown.output
     return result.exit_code, json.loads(shown.stdout)
