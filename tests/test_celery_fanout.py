@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.databases import ShopSource
-from tests.fixtures.factories import apply_file, audience, read_calls, write_config
 from worker.domain import ChunkRange, FanOut, RunSummary, SyncRequest, chunk_ranges
 from worker.runtime import Runtime, build_runtime
 from worker.service import SyncService
 from worker.settings import Settings
+from worker.testing.databases import ShopSource
+from worker.testing.factories import apply_file, audience, read_calls, write_config
 
 
 @pytest.mark.parametrize(

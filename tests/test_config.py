@@ -6,11 +6,11 @@ import pytest
 from sqlalchemy import select
 
 from models import Audience, AudienceDestination, Destination
-from tests.fixtures.databases import ShopSource
-from tests.fixtures.factories import apply_file, audience, write_config
 from worker.config import load_config
 from worker.errors import ConfigError
 from worker.runtime import Runtime
+from worker.testing.databases import ShopSource
+from worker.testing.factories import apply_file, audience, write_config
 
 VALID = """\
 sources:

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from tests.fixtures.databases import redis_client as connect_redis
 from worker.errors import ConfigError
 from worker.ratelimit import (
     SAFETY_FACTOR,
@@ -19,6 +18,7 @@ from worker.ratelimit import (
     postpone,
     reserve,
 )
+from worker.testing.databases import redis_client as connect_redis
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,6 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures.databases import ShopSource
-from tests.fixtures.factories import apply_file, audience, write_config
 from worker.context import utcnow
 from worker.destinations.base import DestinationClient, Rejection
 from worker.destinations.registry import HttpOptions
@@ -21,6 +19,8 @@ from worker.reports import ReportService
 from worker.repositories.runs import INTERRUPTED
 from worker.runtime import Runtime
 from worker.service import SyncService
+from worker.testing.databases import ShopSource
+from worker.testing.factories import apply_file, audience, write_config
 
 KEY = "run_test"
 

@@ -15,13 +15,6 @@ import redis
 from pydantic import SecretStr
 
 from tests.destinations.common import AUDIENCE
-from tests.fixtures.databases import REDIS_URL, redis_client
-from tests.fixtures.fake_destinations import (
-    DEFAULT_ORTTO_KEY,
-    FakeDestinations,
-    max_requests_in_window,
-    sample_calls,
-)
 from worker.destinations.http import (
     MAX_MESSAGE_CHARS,
     DestinationHttpClient,
@@ -36,6 +29,13 @@ from worker.destinations.ortto_api import OrttoApiDestination, OrttoApiSettings
 from worker.destinations.segment import SegmentDestination, SegmentSettings
 from worker.errors import ConfigError, DestinationAuthError, TransientDestinationError
 from worker.ratelimit import LocalRateLimiter, RedisRateLimiter, parse_rate_limit
+from worker.testing.databases import REDIS_URL, redis_client
+from worker.testing.fake_destinations import (
+    DEFAULT_ORTTO_KEY,
+    FakeDestinations,
+    max_requests_in_window,
+    sample_calls,
+)
 
 FAST = HttpOptions(
     connect_timeout=1.0, read_timeout=1.0, max_attempts=3, backoff_base=0.01, backoff_max=0.05

@@ -8,12 +8,6 @@ import pytest
 from pydantic import SecretStr
 
 from tests.destinations.common import AUDIENCE, FAST
-from tests.fixtures.fake_destinations import (
-    FakeDestinations,
-    RecordingTransport,
-    sample_calls,
-    spawn_fake_destinations,
-)
 from worker.destinations.base import Rejection
 from worker.destinations.http import HttpOptions
 from worker.destinations.ortto import (
@@ -27,6 +21,12 @@ from worker.destinations.ortto import (
 from worker.destinations.registry import build_client, resolve_settings
 from worker.errors import DestinationAuthError, DestinationError, TransientDestinationError
 from worker.ratelimit import RateLimit
+from worker.testing.fake_destinations import (
+    FakeDestinations,
+    RecordingTransport,
+    sample_calls,
+    spawn_fake_destinations,
+)
 
 
 def ortto(

@@ -9,13 +9,6 @@ import pytest
 from pydantic import SecretStr
 
 from tests.destinations.common import AUDIENCE
-from tests.fixtures.fake_destinations import (
-    DEFAULT_ORTTO_API_KEY,
-    FakeDestinations,
-    RecordingTransport,
-    sample_calls,
-    spawn_fake_destinations,
-)
 from worker.destinations.base import Rejection
 from worker.destinations.http import HttpOptions
 from worker.destinations.ortto_api import (
@@ -29,6 +22,13 @@ from worker.destinations.ortto_api import (
 from worker.destinations.registry import build_client, resolve_settings
 from worker.errors import ConfigError, DestinationAuthError, DestinationError
 from worker.payloads import AudienceRef
+from worker.testing.fake_destinations import (
+    DEFAULT_ORTTO_API_KEY,
+    FakeDestinations,
+    RecordingTransport,
+    sample_calls,
+    spawn_fake_destinations,
+)
 
 FAST = HttpOptions(
     connect_timeout=1.0, read_timeout=2.0, max_attempts=5, backoff_base=0.01, backoff_max=0.05

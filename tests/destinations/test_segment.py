@@ -8,12 +8,6 @@ import pytest
 from pydantic import SecretStr
 
 from tests.destinations.common import AUDIENCE, FAST
-from tests.fixtures.fake_destinations import (
-    SEGMENT_MAX_BYTES,
-    FakeDestinations,
-    RecordingTransport,
-    sample_calls,
-)
 from worker.destinations.base import Rejection
 from worker.destinations.registry import build_client, resolve_settings
 from worker.destinations.segment import (
@@ -23,6 +17,12 @@ from worker.destinations.segment import (
     SegmentSettings,
 )
 from worker.errors import DestinationAuthError
+from worker.testing.fake_destinations import (
+    SEGMENT_MAX_BYTES,
+    FakeDestinations,
+    RecordingTransport,
+    sample_calls,
+)
 
 
 def segment(

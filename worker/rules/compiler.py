@@ -1,0 +1,334 @@
+"""Rules compiled to one SQLAlchemy Core SELECT over a source's reflected Segment-layout tables.
+
+The result has the columns a SQL audience returns: `user_id` and `email` (plus `anonymous_id`
+with `include_anonymous`). Every value is a bound parameter, "now" (the run's start time)
+included; every identifier comes from reflection.
+
+Identity: an event counts for its `user_id`; an event with only an `anonymous_id` counts for
+the user of the latest `identifies` row (by `timestamp`, rows without one the oldest, then the
+greatest `user_id`) that carried that anonymous id and a user id. The universe negations work
+in is the `users` table, plus, with `include_anonymous`, the anonymous ids of `tracks` rows
+that no `identifies` row ties to a user. Members are compiled twice over that universe: once
+keyed by user id, once keyed by anonymous id, so the two kinds of ids never mix.
+
+A comparison with a NULL property or trait is false (`ne` and `not_in` included); `not`
+negates a whole rule, per member. Text comparisons follow the database's collation.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any, TypeAlias
+
+from sqlalchemy import (
+    CTE,
+    BindParameter,
+    Column,
+    ColumnElement,
+    FromClause,
+    Select,
+    Subquery,
+    Table,
+    and_,
+    bindparam,
+    case,
+    cast,
+    func,
+    literal,
+    not_,
+    null,
+    or_,
+    select,
+    text,
+    true,
+    union_all,
+)
+from sqlalchemy.dialects import registry
+from sqlalchemy.engine import Dialect
+from sqlalchemy.sql import column as sql_column
+
+from worker.errors import ConfigError, NotFoundError
+from worker.rules.grammar import (
+    All,
+    AnyOf,
+    Condition,
+    CountKind,
+    InAudience,
+    Not,
+    Operator,
+    Performed,
+    Rule,
+    Trait,
+    Window,
+)
+from worker.rules.layout import Layout, check_condition
+
+# An audience's name -> its rule tree, or its SQL query text; NotFoundError when unknown.
+AudienceResolver: TypeAlias = Callable[[str], "Rule | str"]
+MEMBER_KEY = "member_key"
+
+
+@dataclass(frozen=True, slots=True)
+class _Context:
+    layout: Layout
+    now: datetime
+    resolve: AudienceResolver
+    path: tuple[str, ...]  # audiences being compiled, outermost first: a repeat is a cycle
+    is_anonymous: bool  # keyed by anonymous id (the anonymous part of the universe)
+    stitched: CTE  # computed once per query, however many events the rules name
+
+
+def compile_audience(
+    rule: Rule,
+    layout: Layout,
+    *,
+    now: datetime,
+    audience: str,
+    include_anonymous: bool = False,
+    resolve: AudienceResolver | None = None,
+) -> Select[Any]:
+    """The members of `rule` as one SELECT of `user_id`, `email` (and `anonymous_id`).
+
+    `now` is the run's start time (timezone-aware); `audience` is this audience's name (for
+    cycle detection); `resolve` gives the audiences `in_audience` names. ConfigError for a
+    rule that names an unknown event, column or audience, compares mismatched values, or
+    makes a cycle of `in_audience`.
+    """
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    context = _Context(layout, now, resolve or _no_audiences, (audience,), False, _stitch(layout))
+    users = layout.users
+    email = users.c["email"] if "email" in users.c else null()
+    known = users.c["id"]
+    identified = select(
+        known.label("user_id"),
+        email.label("email"),
+        *([null().label("anonymous_id")] if include_anonymous else []),
+    ).where(known.is_not(null()), _predicate(rule, known, context))
+    if not include_anonymous:
+        return identified
+    anonymous = _unstitched_anonymous_ids(layout, layout.tracks).subquery("anonymous_ids")
+    anonymous_context = replace(context, is_anonymous=True)
+    unknown = select(
+        null().label("user_id"),
+        null().label("email"),
+        anonymous.c[MEMBER_KEY].label("anonymous_id"),
+    ).where(_predicate(rule, anonymous.c[MEMBER_KEY], anonymous_context))
+    members = union_all(identified, unknown).subquery("members")
+    return select(members.c.user_id, members.c.email, members.c.anonymous_id)
+
+
+def render_sql(query: Select[Any], dialect: Dialect | str) -> tuple[str, dict[str, Any]]:
+    """The query's SQL text in `dialect` (a Dialect or its name) and its bound parameters."""
+    resolved = registry.load(dialect)() if isinstance(dialect, str) else dialect
+    compiled = query.compile(dialect=resolved)
+    return str(compiled), dict(compiled.params)
+
+
+def _members(rule: Rule, context: _Context) -> Select[Any]:
+    """The member keys (user ids, or anonymous ids) `rule` holds for, as a one-column SELECT."""
+    universe = _universe(context)
+    return select(universe.c[MEMBER_KEY]).where(_predicate(rule, universe.c[MEMBER_KEY], context))
+
+
+def _universe(context: _Context) -> Subquery:
+    layout = context.layout
+    if context.is_anonymous:
+        return _unstitched_anonymous_ids(layout, layout.tracks).subquery()
+    known = layout.users.c["id"]
+    return select(known.label(MEMBER_KEY)).where(known.is_not(null())).subquery()
+
+
+def _predicate(rule: Rule, key: ColumnElement[Any], context: _Context) -> ColumnElement[bool]:
+    if isinstance(rule, All):
+        return and_(*(_predicate(r, key, context) for r in rule.rules))
+    if isinstance(rule, AnyOf):
+        return or_(*(_predicate(r, key, context) for r in rule.rules))
+    if isinstance(rule, Not):
+        return not_(_predicate(rule.rule, key, context))
+    if isinstance(rule, Performed):
+        return _performed(rule, key, context)
+    if isinstance(rule, Trait):
+        return _trait(rule, key, context)
+    return _in_audience(rule, key, context)
+
+
+def _performed(rule: Performed, key: ColumnElement[Any], context: _Context) -> ColumnElement[bool]:
+    layout = context.layout
+    events = layout.event_table(rule.event)
+    what = f"performed {rule.event!r}"
+    person, source, filters = _event_person(context, events)
+    filters += [_condition(layout, events, c, what) for c in rule.where]
+    if rule.window is not None:
+        filters += _window(events.c["timestamp"], rule.window, context.now)
+    people = select(person).select_from(source).where(*filters).group_by(person)
+    kind, times = rule.count.kind, rule.count.times
+    if kind is CountKind.AT_LEAST:
+        if times == 0:
+            return true()
+        return _among(key, people.having(func.count() >= times))
+    if kind is CountKind.AT_MOST:
+        return not_(_among(key, people.having(func.count() > times)))
+    if times == 0:
+        return not_(_among(key, people))
+    return _among(key, people.having(func.count() == times))
+
+
+def _among(key: ColumnElement[Any], keys: Select[Any]) -> ColumnElement[bool]:
+    """`key IN (keys)`; never correlated, as the subqueries read tables the outer query reads."""
+    return key.in_(keys.correlate(None))
+
+
+def _event_person(
+    context: _Context, events: Table
+) -> tuple[ColumnElement[Any], FromClause, list[ColumnElement[bool]]]:
+    """Who an event row counts for, the FROM clause that tells it, and the rows that count."""
+    if context.is_anonymous:
+        anonymous_id = events.c["anonymous_id"]
+        return (
+            anonymous_id,
+            events,
+            [events.c["user_id"].is_(null()), _unstitched(context.layout, anonymous_id)],
+        )
+    stitch = context.stitched
+    source = events.outerjoin(
+        stitch,
+        and_(events.c["user_id"].is_(null()), events.c["anonymous_id"] == stitch.c.anonymous_id),
+    )
+    person = func.coalesce(events.c["user_id"], stitch.c.user_id)
+    return person, source, [person.is_not(null())]
+
+
+def _stitch(layout: Layout) -> CTE:
+    """anonymous_id -> user_id of the latest identifies row carrying both."""
+    identifies = layout.identifies
+    order: list[ColumnElement[Any]] = [identifies.c["user_id"].desc()]
+    if "timestamp" in identifies.c:
+        moment = identifies.c["timestamp"]
+        # Not NULLS LAST, which MySQL lacks: where NULLs sort differs between databases.
+        order[:0] = [case((moment.is_(null()), 1), else_=0), moment.desc()]
+    ranked = (
+        select(
+            identifies.c["anonymous_id"].label("anonymous_id"),
+            identifies.c["user_id"].label("user_id"),
+            func.row_number()
+            .over(partition_by=identifies.c["anonymous_id"], order_by=order)
+            .label("position"),
+        )
+        .where(identifies.c["anonymous_id"].is_not(null()), identifies.c["user_id"].is_not(null()))
+        .subquery()
+    )
+    return (
+        select(ranked.c.anonymous_id, ranked.c.user_id)
+        .where(ranked.c.position == 1)
+        .cte("stitched")
+    )
+
+
+def _unstitched_anonymous_ids(layout: Layout, events: Table) -> Select[Any]:
+    """Distinct anonymous ids of `events` rows with no user id that no identifies row ties."""
+    anonymous_id = events.c["anonymous_id"]
+    return (
+        select(anonymous_id.label(MEMBER_KEY))
+        .where(events.c["user_id"].is_(null()), _unstitched(layout, anonymous_id))
+        .distinct()
+    )
+
+
+def _unstitched(layout: Layout, anonymous_id: ColumnElement[Any]) -> ColumnElement[bool]:
+    """An anonymous id that no identifies row ties to a user."""
+    identifies = layout.identifies
+    stitched = select(identifies.c["anonymous_id"]).where(
+        identifies.c["anonymous_id"].is_not(null()), identifies.c["user_id"].is_not(null())
+    )
+    return and_(anonymous_id.is_not(null()), not_(_among(anonymous_id, stitched)))
+
+
+def _window(timestamp: Column[Any], window: Window, now: datetime) -> list[ColumnElement[bool]]:
+    aware = bool(getattr(timestamp.type, "timezone", False))
+
+    def moment(value: datetime) -> datetime:
+        utc = value.astimezone(UTC)
+        return utc if aware else utc.replace(tzinfo=None)
+
+    def bound(name: str, value: datetime) -> BindParameter[Any]:
+        return bindparam(name, moment(value), type_=timestamp.type, unique=True)
+
+    newest = "now" if not window.newest else "window_end"
+    return [
+        timestamp >= bound("window_start", now - window.oldest),
+        timestamp <= bound(newest, now - window.newest),
+    ]
+
+
+def _trait(rule: Trait, key: ColumnElement[Any], context: _Context) -> ColumnElement[bool]:
+    if context.is_anonymous:  # anonymous ids have no traits
+        return not_(true())
+    users = context.layout.users
+    holders = select(users.c["id"]).where(
+        users.c["id"].is_not(null()),
+        *(_condition(context.layout, users, c, "trait") for c in rule.conditions),
+    )
+    return _among(key, holders)
+
+
+def _condition(
+    layout: Layout, table: Table, condition: Condition, what: str
+) -> ColumnElement[bool]:
+    column = layout.column(table, condition.key, what=what)
+    check_condition(column, condition, what=what)
+    operator, value = condition.operator, condition.value
+    if operator is Operator.EXISTS:
+        return column.is_not(null())
+    if operator is Operator.NOT_EXISTS:
+        return column.is_(null())
+    if operator is Operator.IN:
+        return column.in_(value if isinstance(value, tuple) else (value,))
+    if operator is Operator.NOT_IN:
+        return and_(
+            column.is_not(null()), column.not_in(value if isinstance(value, tuple) else (value,))
+        )
+    if operator is Operator.CONTAINS:
+        # Not LIKE: SQLite's LIKE ignores case, and `%` or `_` in the value would be wildcards.
+        position = func.strpos if layout.dialect == "postgresql" else func.instr
+        return position(column, literal(value)) > 0
+    if operator is Operator.STARTS_WITH:
+        text_value = str(value)
+        return func.substr(column, 1, len(text_value)) == literal(text_value)
+    comparisons = {
+        Operator.EQ: column.__eq__,
+        Operator.NE: column.__ne__,
+        Operator.GT: column.__gt__,
+        Operator.GTE: column.__ge__,
+        Operator.LT: column.__lt__,
+        Operator.LTE: column.__le__,
+    }
+    result: ColumnElement[bool] = comparisons[operator](value)
+    return result
+
+
+def _in_audience(
+    rule: InAudience, key: ColumnElement[Any], context: _Context
+) -> ColumnElement[bool]:
+    if rule.audience in context.path:
+        cycle = " -> ".join((*context.path[context.path.index(rule.audience) :], rule.audience))
+        raise ConfigError(f"in_audience makes a cycle: {cycle}")
+    try:
+        other = context.resolve(rule.audience)
+    except NotFoundError as exc:
+        raise ConfigError(f"in_audience {rule.audience!r}: {exc}") from None
+    if isinstance(other, str):
+        if context.is_anonymous:  # a SQL audience is matched by user id only
+            return not_(true())
+        # On lines of its own: a `--` comment ending the query must not hide the `)`.
+        sql = "\n" + other.strip().rstrip(";") + "\n"
+        query = text(sql).columns(sql_column("user_id")).subquery(f"audience_{len(context.path)}")
+        # Cast: a SQL audience may return numeric ids where the users table keeps text.
+        user_id = cast(query.c.user_id, context.layout.users.c["id"].type)
+        return _among(key, select(user_id).where(query.c.user_id.is_not(null())))
+    inner = replace(context, path=(*context.path, rule.audience))
+    return _among(key, _members(other, inner))
+
+
+def _no_audiences(name: str) -> Rule | str:
+    raise NotFoundError(f"no audience named {name!r}")
