@@ -169,7 +169,6 @@ def test_answers_lost_to_timeouts_are_sent_again(
     assert _synced(runtime) == fake.state("ortto")[KEY]
 
 
-@pytest.mark.xfail(strict=True, reason="needs in-doubt users re-sent on two runs")
 def test_a_lost_request_applied_after_the_next_run_is_overwritten_by_the_one_after(
     tmp_path: Path,
     shop: ShopSource,
