@@ -541,3 +541,37 @@ def prepared_at(fake: FakeDestinations) -> AudienceRef:
     """The audience with its field already created at the fake (as after `prepare`)."""
     field_id = fake.add_custom_field(AUDIENCE.key)
     return AudienceRef(id=AUDIENCE.id, key=AUDIENCE.key, name=AUDIENCE.name, field_id=field_id)
+
+
+def test_the_fake_answers_in_the_recorded_shapes(fake: FakeDestinations) -> None:
+    """The fake's answers have the shapes recorded from the live API (destination facts), so
+    a client reading another shape fails here rather than in production."""
+    headers = {"X-Api-Key": fake.ortto_api_key}
+    with httpx.Client(base_url=fake.url, headers=headers) as client:
+        created = client.post(
+            "/v1/person/custom-field/create", json={"name": "Test Field 1762383076", "type": "text"}
+        )
+        assert created.status_code == 200
+        assert created.json() == {
+            "name": "Test Field 1762383076",
+            "field_id": "str:cm:test-field-1762383076",
+            "display_type": "text",
+        }
+        fake.suppress(["u1"])
+        merge = {
+            "people": [
+                {"fields": {"str::ei": "u1"}},
+                {"fields": {"str::email": "no-merge-field@example.com"}},
+            ],
+            "merge_by": ["str::ei"],
+            "merge_strategy": 2,
+            "find_strategy": 0,
+            "async": True,
+        }
+        refused = client.post("/v1/person/merge", json=merge)
+        assert refused.status_code == 400
+        body = refused.json()
+        assert set(body) == {"code", "error", "details"} and body["code"] == 400
+        assert body["error"].startswith("No valid contacts provided (")
+        assert [d["status"] for d in body["details"]] == ["suppressed", "invalid"]
+        assert all(set(d) == {"status", "error"} for d in body["details"])

@@ -163,8 +163,7 @@ def refused_merge_rejections(result: HttpResult, sent: Sequence[int]) -> list[Re
             return result.reject(sent)
         status, error = detail.get("status"), detail.get("error")
         reason = f"{status}: {error}" if status and error else str(status or error or "")
-        message = reason or result.message
-        rejections.append(Rejection(index, result.status, f"{message}"[:500]))
+        rejections.append(Rejection(index, result.status, (reason or result.message)[:500]))
     return rejections
 
 
