@@ -21,6 +21,7 @@ from tests.fixtures.fake_destinations import (
 )
 from worker.destinations.base import Rejection
 from worker.destinations.http import HttpOptions, HttpResult
+from worker.destinations.http_client import HttpDestinationClient
 from worker.destinations.ortto_api import (
     MAX_PEOPLE_PER_REQUEST,
     OrttoApiDestination,
@@ -477,6 +478,20 @@ def test_the_client_shares_its_accounts_guard(fake: FakeDestinations) -> None:
     assert first.bad_request_guard is second.bad_request_guard
     assert third.bad_request_guard is not first.bad_request_guard
     for client in (first, second, third):
+        client.close()
+
+
+def test_only_the_rest_api_is_guarded() -> None:
+    """Ortto's Segment endpoint answers per item within a 200 and Segment names no such ban; only
+    the REST API turns a run of suppressed people into refused requests."""
+    env = {"KEY": "pau-fake-ortto-segment-key-0123456789"}
+    for template in (
+        {"type": "ortto", "api_key": "${KEY}"},
+        {"type": "segment", "write_key": "${KEY}"},
+    ):
+        client = build_client("x", resolve_settings("x", template, env), http=FAST, limiter=None)
+        assert isinstance(client, HttpDestinationClient)
+        assert client.bad_request_guard is None
         client.close()
 
 
