@@ -8,10 +8,12 @@ Module map (one line each; the service's parts run top to bottom of a run):
     keys           audience keys from names
     scheduling     schedules ("every 1h", cron) and when a pair is next due
     sources        audience queries: check, stream rows, clean them into members
+    rules/         rule audiences: conditions on events and traits compiled to SQL
     payloads       the identify call for one user's change
     batching       cutting identify calls into batches a destination accepts
     ratelimit      rate-limit parsing and the local and Redis token buckets
-    destinations/  destination clients, one module per destination type
+    destinations/  destination clients: the registry of types, typed settings, the HTTP
+                   base, one module per destination type
     pool           destination clients, built once per process and reused
     db             state database engines, sessions, units of work, migrations
     domain         the vocabulary: RunStatus, RunMode, Trigger and the service's values
@@ -31,6 +33,7 @@ Module map (one line each; the service's parts run top to bottom of a run):
     tasks          Celery tasks: thin wrappers around the service
     cli            the `audience-sync` command line
     demo           the self-contained demo
+    testing/       test support shared by the tests and the benchmark (never imported here)
     repositories/  every SQL statement, one owner per table:
       dialect      is_postgresql and the ON CONFLICT insert of each backend
       audiences    sources, destinations, audiences, pairs and the pair lock
