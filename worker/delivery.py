@@ -1,8 +1,12 @@
 """Delivering a started run: in this process or fanned out in chunks; its planned changes
 go page by page, each page's answer recorded with the synced state it moves."""
 
+import queue
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -19,12 +23,40 @@ from worker.domain import (
 from worker.errors import DestinationError
 from worker.locking import LOST_LOCK, heartbeat, still_held
 from worker.payloads import Change, identify_call
+from worker.ratelimit import requests_in_flight
 from worker.repositories import audiences as audience_repo
 from worker.repositories import changes as change_repo
 from worker.repositories import failures as failure_repo
 from worker.repositories import runs as run_repo
 from worker.repositories import synced as synced_repo
 from worker.runs import RunLifecycle
+
+
+@dataclass(frozen=True, slots=True)
+class _AnsweredPage:
+    """A sent page and its outcome: the destination's rejections, or what the send raised."""
+
+    page: list[Change]
+    now: datetime
+    outcome: list[Rejection] | BaseException
+
+
+def _send_page(
+    client: DestinationClient,
+    prepared: PreparedRun,
+    page: list[Change],
+    calls: list[dict[str, Any]],
+    now: datetime,
+    answers: "queue.Queue[_AnsweredPage]",
+) -> None:
+    """Send one page from a delivery thread; its outcome goes to `answers`, whatever it is,
+    for the delivering thread to record (the only one that touches the state database)."""
+    outcome: list[Rejection] | BaseException
+    try:
+        outcome = client.deliver(prepared.audience, calls)
+    except BaseException as exc:  # handed to the delivering thread, which decides
+        outcome = exc
+    answers.put(_AnsweredPage(page, now, outcome))
 
 
 class Delivery:
@@ -78,37 +110,111 @@ class Delivery:
         upto: str | None,
         progress: Progress | None = None,
     ) -> None:
-        """Deliver the run's changes with member_id in (after, upto], page by page. A page is
-        marked in flight before it is sent; its results, the synced state they move and the
-        page's removal from the run's changes are committed together."""
+        """Deliver the run's changes with member_id in (after, upto], page by page, up to
+        `_in_flight` pages at once. A page is marked in flight before it is sent (so a crash
+        leaves at most the pages in flight in doubt); each answered page's results, the synced
+        state they move and the page's removal from the run's changes are committed together,
+        in the order the destination answered. Pages cover disjoint member ranges, so a user
+        is never in two requests at once. After a destination error no page is taken, the
+        pages in flight are answered and recorded, then the error is raised."""
         client = self._client(prepared)
+        answers: queue.Queue[_AnsweredPage] = queue.Queue()
         cursor = after
-        while True:
-            with self._ctx.unit_of_work() as session:
-                if not still_held(session, prepared.pair_id, prepared.lock_owner):
-                    raise DestinationError(LOST_LOCK)
-                page = change_repo.page_of_changes(
-                    session, prepared.run_id, after=cursor, upto=upto, limit=client.max_batch_items
+        in_flight = answered = 0
+        is_drained = False
+        failure: DestinationError | None = None
+        with (
+            ThreadPoolExecutor(
+                max_workers=self._most_in_flight(), thread_name_prefix="deliver"
+            ) as senders,
+            heartbeat(self._ctx, prepared.pair_id, prepared.lock_owner),
+        ):
+            while True:
+                # Page boundary: take pages while there is room in flight.
+                while failure is None and not is_drained:
+                    if in_flight >= self._in_flight(client, answered):
+                        break
+                    try:
+                        page = self._take_page(prepared, client, after=cursor, upto=upto)
+                    except DestinationError as exc:
+                        failure = exc
+                        break
+                    if not page:
+                        is_drained = True
+                        break
+                    now = self._ctx.clock()
+                    calls = [
+                        identify_call(prepared.audience, prepared.destination_id, change, now=now)
+                        for change in page
+                    ]
+                    senders.submit(_send_page, client, prepared, page, calls, now, answers)
+                    in_flight += 1
+                    cursor = page[-1].member_id
+                if in_flight == 0:
+                    break
+                result = answers.get()
+                in_flight -= 1
+                answered += 1
+                if isinstance(result.outcome, DestinationError):
+                    failure = failure or result.outcome
+                    continue
+                if isinstance(result.outcome, BaseException):
+                    raise result.outcome
+                self._ctx.crash_point("page_sent")
+                try:
+                    with self._ctx.unit_of_work() as session:
+                        self._record_page(
+                            session, prepared, result.page, result.outcome, now=result.now
+                        )
+                except DestinationError as exc:
+                    failure = failure or exc
+                    continue
+                self._ctx.crash_point("page_recorded")
+                if progress is not None:
+                    progress.advance(len(result.page))
+        if failure is not None:
+            raise failure
+
+    def _take_page(
+        self,
+        prepared: PreparedRun,
+        client: DestinationClient,
+        *,
+        after: str | None,
+        upto: str | None,
+    ) -> list[Change]:
+        """The next page of the range, marked in flight (committed before it is sent)."""
+        with self._ctx.unit_of_work() as session:
+            if not still_held(session, prepared.pair_id, prepared.lock_owner):
+                raise DestinationError(LOST_LOCK)
+            page = change_repo.page_of_changes(
+                session, prepared.run_id, after=after, upto=upto, limit=client.max_batch_items
+            )
+            if page:
+                change_repo.mark_in_flight(
+                    session, prepared.run_id, page[0].member_id, page[-1].member_id
                 )
-                if page:
-                    first, last = page[0].member_id, page[-1].member_id
-                    change_repo.mark_in_flight(session, prepared.run_id, first, last)
-            if not page:
-                return
-            now = self._ctx.clock()
-            calls = [
-                identify_call(prepared.audience, prepared.destination_id, change, now=now)
-                for change in page
-            ]
-            with heartbeat(self._ctx, prepared.pair_id, prepared.lock_owner):
-                rejections = client.deliver(prepared.audience, calls)
-            self._ctx.crash_point("page_sent")
-            with self._ctx.unit_of_work() as session:
-                self._record_page(session, prepared, page, rejections, now=now)
-            self._ctx.crash_point("page_recorded")
-            if progress is not None:
-                progress.advance(len(page))
-            cursor = last
+        return page
+
+    def _most_in_flight(self) -> int:
+        settings = self._ctx.settings
+        return settings.delivery_in_flight or settings.delivery_max_in_flight
+
+    def _in_flight(self, client: DestinationClient, answered: int) -> int:
+        """Pages to keep in flight now. The first page goes alone: it lets the destination
+        get ready for the audience (a field created once) and gives a first latency."""
+        if answered == 0:
+            return 1
+        if self._ctx.settings.delivery_in_flight is not None:
+            return self._ctx.settings.delivery_in_flight
+        pacing = client.pacing()
+        if pacing is None:
+            return 1
+        return requests_in_flight(
+            pacing.requests_per_second,
+            pacing.latency_seconds,
+            most=self._ctx.settings.delivery_max_in_flight,
+        )
 
     def _record_page(
         self,

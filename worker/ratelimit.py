@@ -14,6 +14,7 @@ Both live where the limiter lives: in Redis when the workers share one, else in 
 
 import hashlib
 import logging
+import math
 import re
 import threading
 import time
@@ -65,6 +66,32 @@ def reserve(next_free_at: float, now: float, interval: float) -> tuple[float, fl
 def postpone(next_free_at: float, now: float, pause_seconds: float) -> float:
     """The next free slot after the server asked everyone to wait `pause_seconds`."""
     return max(next_free_at, now + pause_seconds)
+
+
+# Requests in flight beyond what Little's law asks (rate x latency), so that answers slower
+# than the average do not leave pacing slots unused.
+IN_FLIGHT_HEADROOM = 1.25
+# Weight of the newest answer in the smoothed latency.
+LATENCY_WEIGHT = 0.2
+
+
+def requests_in_flight(
+    requests_per_second: float, latency_seconds: float | None, *, most: int
+) -> int:
+    """How many requests to keep in flight so that waiting for answers never slows the
+    pacing: rate x latency (Little's law) with IN_FLIGHT_HEADROOM, rounded up, within
+    [1, most]. One while no latency has been measured yet."""
+    if latency_seconds is None or latency_seconds <= 0 or requests_per_second <= 0:
+        return 1
+    wanted = math.ceil(requests_per_second * latency_seconds * IN_FLIGHT_HEADROOM)
+    return max(1, min(most, wanted))
+
+
+def smoothed_latency(previous: float | None, sample: float) -> float:
+    """The latency estimate after one more answer (an exponentially weighted average)."""
+    if previous is None:
+        return sample
+    return previous + LATENCY_WEIGHT * (sample - previous)
 
 
 class RateLimiter(Protocol):

@@ -34,6 +34,11 @@ class Settings(BaseSettings):
     # task this many times, after this delay, doubled at each attempt.
     task_retries: int = Field(default=3, ge=0)
     task_retry_delay_seconds: float = Field(default=60.0, ge=0)
+    # Pages of changes delivery keeps in flight at once to one destination. Unset: chosen
+    # from the destination's rate limit and the measured latency of its answers
+    # (`worker.ratelimit.requests_in_flight`), at most `delivery_max_in_flight`.
+    delivery_in_flight: int | None = Field(default=None, ge=1)
+    delivery_max_in_flight: int = Field(default=16, ge=1)
     # Test hook: stop the process (SIGKILL) when the sync reaches this named step.
     crash_at: str | None = None
 

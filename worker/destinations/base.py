@@ -20,6 +20,15 @@ class Rejection:
     message: str
 
 
+@dataclass(frozen=True, slots=True)
+class Pacing:
+    """What sizes the requests delivery keeps in flight to a destination: its rate limit and
+    the latency of its answers so far (None until one came back)."""
+
+    requests_per_second: float
+    latency_seconds: float | None
+
+
 class DestinationClient(ABC):
     """A destination client. `deliver` either returns the rejected items (all others were
     accepted), or raises: DestinationAuthError stops the run, TransientDestinationError
@@ -40,6 +49,11 @@ class DestinationClient(ABC):
     @abstractmethod
     def deliver(self, audience: AudienceRef, calls: Sequence[dict[str, Any]]) -> list[Rejection]:
         """Send Segment-spec identify calls; return the rejected ones."""
+
+    def pacing(self) -> Pacing | None:
+        """The destination's pacing, for delivery to size its requests in flight; None (the
+        default, for destinations that are not paced): one page at a time."""
+        return None
 
     def check(self) -> str:
         """Check the credentials with the cheapest call; return a short description."""

@@ -16,6 +16,7 @@ scrubbed from every message built from a server answer.
 import base64
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from worker.errors import (
     DestinationError,
     TransientDestinationError,
 )
-from worker.ratelimit import BadRequestGuard, RateLimiter, is_bad_request
+from worker.ratelimit import BadRequestGuard, RateLimiter, is_bad_request, smoothed_latency
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +201,10 @@ class DestinationHttpClient:
         self._sleep = sleep
         self._body_wait = body_wait
         self._guard = guard
+        # Smoothed time from sending a request to its answer (pacing waits left out); the
+        # delivery threads sharing this client update it.
+        self._latency: float | None = None
+        self._latency_lock = threading.Lock()
         self._client = httpx.Client(
             base_url=self.base_url,
             auth=auth,
@@ -246,6 +251,11 @@ class DestinationHttpClient:
     def guard(self) -> BadRequestGuard | None:
         return self._guard
 
+    @property
+    def latency_seconds(self) -> float | None:
+        """The smoothed latency of the destination's answers; None before the first."""
+        return self._latency
+
     def close(self) -> None:
         self._client.close()
 
@@ -267,10 +277,14 @@ class DestinationHttpClient:
     def _request(self, method: str, path: str, content: bytes | None) -> httpx.Response:
         self._limiter.acquire()
         headers = {"Content-Type": "application/json"} if content is not None else None
+        sent_at = time.monotonic()
         try:
-            return self._client.request(method, path, content=content, headers=headers)
+            response = self._client.request(method, path, content=content, headers=headers)
         except httpx.TransportError as exc:  # timeouts, refused or dropped connections
             raise _RetryableFailure(self._auth.scrub(f"{type(exc).__name__} ({exc})")) from exc
+        with self._latency_lock:
+            self._latency = smoothed_latency(self._latency, time.monotonic() - sent_at)
+        return response
 
     def _answer(self, method: str, path: str, response: httpx.Response) -> HttpResult:
         status = response.status_code

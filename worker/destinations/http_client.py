@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 import httpx
 
 from worker.batching import encoded_batches
-from worker.destinations.base import DestinationClient, Rejection
+from worker.destinations.base import DestinationClient, Pacing, Rejection
 from worker.destinations.http import (
     DestinationHttpClient,
     HttpOptions,
@@ -127,6 +127,9 @@ class HttpDestinationClient(DestinationClient, Generic[SettingsT]):
     def body_wait(body: Any) -> float | None:
         """The wait a 429's body asks for, when the destination names one there."""
         return None
+
+    def pacing(self) -> Pacing:
+        return Pacing(self.settings.rate_limit.requests_per_second, self._http.latency_seconds)
 
     def deliver(self, audience: AudienceRef, calls: Sequence[dict[str, Any]]) -> list[Rejection]:
         audience = replace(audience, field_id=self.prepare(audience))
