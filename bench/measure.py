@@ -383,9 +383,10 @@ def child_delivery(base: str, fake_url: str, people: int) -> dict[str, Any]:
     finally:
         fake.configure(max_requests_per_second=None, latency_seconds=0)
         fake.close()
-    merges = [a for a in log["arrivals"] if a["path"] == "/v1/person/merge"]
-    accepted = [a["at"] for a in merges if a["status"] == 200]
-    per_second = len(accepted) / seconds
+    # Every request counts towards the limit: the field lookup before the first page too.
+    arrivals = log["arrivals"]
+    answered = [a["at"] for a in arrivals if a["status"] != 429]
+    per_second = len(answered) / seconds
     return {
         "people": people,
         "latency_seconds": LATENCY_SECONDS,
@@ -393,8 +394,8 @@ def child_delivery(base: str, fake_url: str, people: int) -> dict[str, Any]:
         "delivery_seconds": seconds,
         "requests_per_second": per_second,
         "share_of_limit": per_second / RATE_PER_SECOND,
-        "most_in_one_second": max_requests_in_window(accepted, 1.0),
-        "responses_429": sum(1 for a in merges if a["status"] == 429),
+        "most_in_one_second": max_requests_in_window(answered, 1.0),
+        "responses_429": sum(1 for a in arrivals if a["status"] == 429),
         "exactly_once": summary.status == "succeeded"
         and summary.sent == people
         and stored == people,

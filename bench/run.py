@@ -175,8 +175,8 @@ def main() -> None:
     parser.add_argument(
         "--delivery-people",
         type=int,
-        default=30_000,
-        help="people sent through the slow destination (default 30000)",
+        default=60_000,
+        help="people sent through the slow destination (default 60000)",
     )
     parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES)
     parser.add_argument("--skip-rules", action="store_true", help="skip bench/rules.py")

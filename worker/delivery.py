@@ -120,8 +120,8 @@ class Delivery:
         client = self._client(prepared)
         answers: queue.Queue[_AnsweredPage] = queue.Queue()
         cursor = after
-        in_flight = answered = 0
-        is_drained = False
+        in_flight = 0
+        is_drained = is_prepared = False
         failure: DestinationError | None = None
         with (
             ThreadPoolExecutor(
@@ -132,7 +132,7 @@ class Delivery:
             while True:
                 # Page boundary: take pages while there is room in flight.
                 while failure is None and not is_drained:
-                    if in_flight >= self._in_flight(client, answered):
+                    if in_flight >= self._in_flight(client):
                         break
                     try:
                         page = self._take_page(prepared, client, after=cursor, upto=upto)
@@ -142,6 +142,15 @@ class Delivery:
                     if not page:
                         is_drained = True
                         break
+                    if not is_prepared:
+                        # Once, before pages go out in parallel: the destination gets ready
+                        # for the audience (a field found or created) and a first latency.
+                        try:
+                            client.prepare(prepared.audience)
+                        except DestinationError as exc:
+                            failure = exc
+                            break
+                        is_prepared = True
                     now = self._ctx.clock()
                     calls = [
                         identify_call(prepared.audience, prepared.destination_id, change, now=now)
@@ -154,7 +163,6 @@ class Delivery:
                     break
                 result = answers.get()
                 in_flight -= 1
-                answered += 1
                 if isinstance(result.outcome, DestinationError):
                     failure = failure or result.outcome
                     continue
@@ -200,11 +208,9 @@ class Delivery:
         settings = self._ctx.settings
         return settings.delivery_in_flight or settings.delivery_max_in_flight
 
-    def _in_flight(self, client: DestinationClient, answered: int) -> int:
-        """Pages to keep in flight now. The first page goes alone: it lets the destination
-        get ready for the audience (a field created once) and gives a first latency."""
-        if answered == 0:
-            return 1
+    def _in_flight(self, client: DestinationClient) -> int:
+        """Pages to keep in flight now: the setting, else as many as the destination's rate
+        limit and measured latency call for (one until a latency is measured)."""
         if self._ctx.settings.delivery_in_flight is not None:
             return self._ctx.settings.delivery_in_flight
         pacing = client.pacing()

@@ -70,7 +70,7 @@ def postpone(next_free_at: float, now: float, pause_seconds: float) -> float:
 
 # Requests in flight beyond what Little's law asks (rate x latency), so that answers slower
 # than the average do not leave pacing slots unused.
-IN_FLIGHT_HEADROOM = 1.25
+IN_FLIGHT_HEADROOM = 1.5
 # Weight of the newest answer in the smoothed latency.
 LATENCY_WEIGHT = 0.2
 
@@ -94,6 +94,35 @@ def smoothed_latency(previous: float | None, sample: float) -> float:
     return previous + LATENCY_WEIGHT * (sample - previous)
 
 
+# A request woken this much past its slot gives the slot up and takes a new one: with several
+# requests in flight, a late one would leave together with the next one's slot, and the two
+# would count in one second of the destination's window. At most LATE_RETRIES times.
+LATE_TOLERANCE_SECONDS = 0.01
+LATE_RETRIES = 3
+
+
+def is_late(woke_at: float, slot_at: float) -> bool:
+    """Whether a request woken at `woke_at` for its slot at `slot_at` should take another."""
+    return woke_at - slot_at > LATE_TOLERANCE_SECONDS
+
+
+def wait_for_slot(
+    take_slot: Callable[[], float],
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Sleep until a slot from `take_slot` (which reserves one and returns the wait), taking
+    a new one when woken late (see LATE_TOLERANCE_SECONDS)."""
+    for attempt in range(LATE_RETRIES + 1):
+        asked_at = clock()
+        wait = take_slot()
+        if wait > 0:
+            sleep(wait)
+        if attempt == LATE_RETRIES or not is_late(clock(), asked_at + max(wait, 0.0)):
+            return
+
+
 class RateLimiter(Protocol):
     def acquire(self) -> None: ...
 
@@ -109,10 +138,12 @@ class LocalRateLimiter:
         self._lock = threading.Lock()
 
     def acquire(self) -> None:
+        wait_for_slot(self._take_slot)
+
+    def _take_slot(self) -> float:
         with self._lock:
             self._next_free_at, wait = reserve(self._next_free_at, time.monotonic(), self._interval)
-        if wait > 0:
-            time.sleep(wait)
+        return wait
 
     def pause(self, seconds: float) -> None:
         with self._lock:
@@ -148,9 +179,7 @@ class RedisRateLimiter:
         self._script = client.register_script(_RESERVE_LUA)
 
     def acquire(self) -> None:
-        wait = float(self._script(keys=[self._key], args=[self._interval, 0]))
-        if wait > 0:
-            time.sleep(wait)
+        wait_for_slot(lambda: float(self._script(keys=[self._key], args=[self._interval, 0])))
 
     def pause(self, seconds: float) -> None:
         self._script(keys=[self._key], args=[self._interval, seconds])
@@ -164,6 +193,9 @@ BAD_REQUEST_WINDOW_SECONDS = 15.0
 # any request's timeouts, plus the window.
 IN_FLIGHT_HOLD_SECONDS = 120.0
 BAD_REQUEST_KEY = "audience_sync:bad_requests:{account}"
+# A held request looks again this often: requests in flight may be answered (and stop
+# counting) long before the hold that covers a process dying with them runs out.
+GUARD_RECHECK_SECONDS = 0.05
 
 
 def is_bad_request(status: int) -> bool:
@@ -210,8 +242,9 @@ class _WaitWarning:
     def waiting(self, now: float, wait: float) -> None:
         if self._last_wait_end is None or now - self._last_wait_end > self._window:
             log.warning(
-                "destination account %s: %d refused requests within %gs; holding further "
-                "requests back (%.1fs now) so the destination does not ban this address",
+                "destination account %s: %d refused (or unanswered) requests within %gs; "
+                "holding further requests back (%.1fs at most) so the destination does not "
+                "ban this address",
                 self._account,
                 self._limit,
                 self._window,
@@ -251,7 +284,7 @@ class LocalBadRequestGuard:
                     self._expiries[ticket] = now + self._window + IN_FLIGHT_HOLD_SECONDS
                     return ticket
                 self._warning.waiting(now, wait)
-            self._sleep(wait)
+            self._sleep(min(wait, GUARD_RECHECK_SECONDS))
 
     def settle(self, ticket: str, *, is_bad: bool) -> None:
         with self._lock:
@@ -317,7 +350,7 @@ class RedisBadRequestGuard:
             if wait <= 0:
                 return ticket
             self._warning.waiting(time.monotonic(), wait)
-            self._sleep(wait)
+            self._sleep(min(wait, GUARD_RECHECK_SECONDS))
 
     def settle(self, ticket: str, *, is_bad: bool) -> None:
         self._settle(keys=[self._key], args=[ticket, int(is_bad), self._window])
