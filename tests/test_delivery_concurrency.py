@@ -112,18 +112,16 @@ def test_a_slow_destination_gets_requests_in_parallel_within_its_rate_limit(
     fake.latency_seconds = LATENCY
     fake.max_requests_per_second = RATE
 
-    started = time.monotonic()
     summary = _service(runtime).sync_pair(pair, SyncRequest())
-    elapsed = time.monotonic() - started
 
     assert summary.status == "succeeded" and summary.sent == members, summary
     arrivals = fake.arrivals("ortto")
     at = [a.at for a in arrivals if a.path == "/v1/identify"]
     assert all(a.status == 200 for a in arrivals), {a.status for a in arrivals}
     assert max_requests_in_window(at, 1.0) <= RATE
-    # One at a time, 30 pages would take 30 x 150 ms at least.
+    # More than one request in flight at once (one at a time, none would start within
+    # 150 ms of the one before).
     assert _overlapping(at, LATENCY) > 1
-    assert elapsed < len(at) * LATENCY
     assert wrong_values(fake.state("ortto")[KEY], shop.members("a")) == {}
     assert redundant_sends(fake.items("ortto"), KEY) == 0
 
