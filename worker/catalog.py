@@ -20,7 +20,7 @@ from worker.plan import (
 )
 from worker.repositories import audiences as audience_repo
 from worker.repositories import runs as run_repo
-from worker.scheduling import next_due, parse_schedule
+from worker.scheduling import is_due, next_due, parse_schedule
 from worker.sources import check_query
 
 
@@ -218,10 +218,10 @@ class Catalog:
         rows = self.status()
         # Read the clock after status(): a pair that never ran is due at status()'s own now.
         now = self._ctx.clock()
-        return [p.pair_id for p in rows if p.next_due_at <= now and not p.is_running]
+        return [p.pair_id for p in rows if is_due(p.next_due_at, now=now) and not p.is_running]
 
     def is_due(self, pair_id: int) -> bool:
         """Whether the pair's schedule says it should run now (held by a run or not)."""
         rows = self.status()
         now = self._ctx.clock()
-        return any(p.pair_id == pair_id and p.next_due_at <= now for p in rows)
+        return any(p.pair_id == pair_id and is_due(p.next_due_at, now=now) for p in rows)

@@ -4,11 +4,12 @@ from typing import Any
 
 from celery import Celery
 
+from worker.scheduling import DISPATCH_TICK
 from worker.settings import Settings
 
 # Beat only wakes the dispatcher; which pairs are due is read from the state database on each
 # tick, so `apply` changes the schedule without restarting beat.
-DISPATCH_EVERY_SECONDS = 60.0
+DISPATCH_EVERY_SECONDS = DISPATCH_TICK.total_seconds()
 
 # The soft limit raises inside the task, which then fails like on any error (a failed chunk
 # fails its run; a sync stopped mid-way leaves its lock to expire); the hard limit, a minute
