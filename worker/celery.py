@@ -24,13 +24,27 @@ HARD_LIMIT_MARGIN_SECONDS = 60
 VISIBILITY_TIMEOUT_SECONDS = 4 * 3600
 
 
+def broker_url(settings: Settings) -> str:
+    """The Celery broker: AUDIENCE_SYNC_BROKER_URL (RabbitMQ's `amqp://`, or Redis), else the
+    Redis URL."""
+    return settings.broker_url or settings.redis_url
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery configuration for these settings (plain values, no connection made)."""
+    broker = broker_url(settings)
     return {
-        "broker_url": settings.redis_url,
+        "broker_url": broker,
+        # Results stay in Redis (where the rate buckets are) whatever the broker is.
         "result_backend": settings.redis_url,
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS},
+        # Redis only (RabbitMQ redelivers a dead worker's task when its connection drops, and
+        # ends a consumer that holds a task unacknowledged past its `consumer_timeout`).
+        "broker_transport_options": (
+            {"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS}
+            if broker.startswith(("redis://", "rediss://"))
+            else {}
+        ),
         "result_backend_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS},
         "task_default_queue": settings.celery_queue,
         "task_serializer": "json",

@@ -344,7 +344,8 @@ def _enqueue(pair_ids: list[int], request: SyncRequest) -> None:
             traceback.print_exc()
         _fail(
             f"cannot reach the broker at {maybe_sanitize_url(url)} ({_one_line(str(exc))}): "
-            "is Redis running? check AUDIENCE_SYNC_REDIS_URL"
+            "is the broker running? check AUDIENCE_SYNC_BROKER_URL (default: "
+            "AUDIENCE_SYNC_REDIS_URL)"
         )
     finally:
         probe.release()
