@@ -9,6 +9,9 @@ from typing import Any
 import pytest
 from sqlalchemy import MetaData, create_engine, select
 
+from worker.config import load_config
+from worker.plan import ApplyRefused
+from worker.runtime import Runtime
 from worker.testing.databases import ShopSource
 from worker.testing.factories import audience, write_config
 from worker.testing.guarantees import error_lines, invoke
@@ -182,3 +185,18 @@ def test_plan_json_for_review_bots(
         "action": "change",
         "changes": [{"field": "schedule", "before": "every 2h", "after": "every 30m"}],
     }
+
+
+def test_the_service_refuses_inside_its_transaction(
+    tmp_path: Path, applied: Dump, state_url: str, runtime: Runtime
+) -> None:
+    """`apply` computes the plan again in the transaction that writes it (a caller that
+    skipped the plan, or a catalog that changed since, still gets the refusal)."""
+    path = tmp_path / "empty.yml"
+    path.write_text("audiences: []\n")
+    with pytest.raises(ApplyRefused, match="archive every active audience") as caught:
+        runtime.service.apply(load_config(path))
+    assert [i.name for i in caught.value.plan.items] == ["high_value", "order_completed"]
+    assert _dump(state_url) == applied
+    report = runtime.service.apply(load_config(path), allow_archive_all=True)
+    assert report.archived == ["high_value", "order_completed"]

@@ -254,6 +254,12 @@ def _refusals(
             "nothing was changed. If that is intended, pass --allow-archive-all"
         )
     created = {i.name for i in items if i.kind == "audience" and i.action == Action.CREATE}
+    for key in sorted(set(allowed_new_keys) - created):
+        # A mistyped key would let nothing through and hide the rename it was meant for.
+        refusals.append(
+            f"--allow-new-key {key}: this file creates no audience with that key"
+            + (f" (it creates: {', '.join(sorted(created))})" if created else "")
+        )
     leaving = [a for a in current if a.key in archived]
     for spec in desired.audiences:
         if spec.key not in created or spec.key in allowed_new_keys:
