@@ -3,6 +3,7 @@ results and the shared rate buckets stay in Redis. The worker test runs a real w
 local RabbitMQ (AUDIENCE_SYNC_TEST_RABBITMQ_URL) and fails, never skips, without it."""
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,9 +17,16 @@ from worker.runtime import Runtime, build_runtime
 from worker.settings import Settings
 from worker.tasks import RATE_LIMIT_KEY
 from worker.testing.celery_worker import CELERY_REDIS_URL, celery_worker, wait_for
-from worker.testing.databases import ShopSource, postgres_database, redis_client, source_database
+from worker.testing.databases import (
+    ShopSource,
+    postgres_database,
+    redis_client,
+    source_database,
+    state_database,
+)
 from worker.testing.factories import apply_file, audience, write_config
 from worker.testing.fake_destinations import DEFAULT_ORTTO_KEY, FakeDestinations
+from worker.testing.guarantees import cli_env, run_cli
 
 RABBITMQ_URL = os.environ.get(
     "AUDIENCE_SYNC_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//"
@@ -45,6 +53,25 @@ def test_a_rabbitmq_broker_keeps_results_in_redis() -> None:
 def test_the_broker_url_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AUDIENCE_SYNC_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
     assert celery_config(Settings())["broker_url"] == "amqp://guest:guest@127.0.0.1:5672//"
+
+
+def test_enqueue_to_an_unreachable_rabbitmq_is_one_line(tmp_path: Path) -> None:
+    # A process of its own: the Celery app reads the broker URL when it is imported.
+    with state_database("sqlite", tmp_path) as url:
+        source = ShopSource(f"sqlite:///{tmp_path / 'shop.db'}")
+        config = write_config(tmp_path, source_url=source.url, audiences=[audience("A", "a")])
+        source.engine.dispose()
+        assert run_cli("apply", str(config), env=cli_env(url)).returncode == 0
+        # Nothing listens on port 1: refused at once.
+        env = cli_env(url, broker_url="amqp://guest:secret@127.0.0.1:1//")
+        started = time.monotonic()
+        result = run_cli("sync", "a", "--enqueue", env=env)
+        elapsed = time.monotonic() - started
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: cannot reach the broker at amqp://guest:**@127.0.0.1:1//")
+    assert "AUDIENCE_SYNC_BROKER_URL" in line and "secret" not in line
+    assert elapsed < 10  # the process's start included
 
 
 def check_rabbitmq() -> None:
