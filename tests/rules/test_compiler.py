@@ -103,6 +103,18 @@ def test_a_stitched_anonymous_event_counts_for_its_user(source: tuple[Engine, La
     }
 
 
+def test_a_trait_compared_with_null_is_false_and_its_negation_true(
+    source: tuple[Engine, Layout],
+) -> None:
+    adults = {"trait": {"age": {"gte": 18}}}
+    assert members(source, adults) == {("u1", "one@example.com")}
+    assert members(source, {"not": adults}) == {("u2", SQL_LOOKING)}
+    assert members(source, {"not": {"not": {"not": adults}}}) == {("u2", SQL_LOOKING)}
+    either = {"any": [adults, {"performed": "Order Completed"}]}
+    assert members(source, either) == {("u1", "one@example.com"), ("u2", SQL_LOOKING)}
+    assert members(source, {"all": [{"not": adults}, either]}) == {("u2", SQL_LOOKING)}
+
+
 @pytest.mark.parametrize(
     ("rules", "message"),
     [

@@ -21,11 +21,9 @@ from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
 from sqlalchemy import (
-    CTE,
     BindParameter,
     Column,
     ColumnElement,
-    FromClause,
     Select,
     Subquery,
     Table,
@@ -75,7 +73,7 @@ class _Context:
     resolve: AudienceResolver
     path: tuple[str, ...]  # audiences being compiled, outermost first: a repeat is a cycle
     is_anonymous: bool  # keyed by anonymous id (the anonymous part of the universe)
-    stitched: CTE  # computed once per query, however many events the rules name
+    row_key: ColumnElement[Any] | None = None  # the key when it is a `users` row's own id
 
 
 def compile_audience(
@@ -96,10 +94,10 @@ def compile_audience(
     """
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
-    context = _Context(layout, now, resolve or _no_audiences, (audience,), False, _stitch(layout))
     users = layout.users
     email = users.c["email"] if "email" in users.c else null()
     known = users.c["id"]
+    context = _Context(layout, now, resolve or _no_audiences, (audience,), False, known)
     identified = select(
         known.label("user_id"),
         email.label("email"),
@@ -108,7 +106,7 @@ def compile_audience(
     if not include_anonymous:
         return identified
     anonymous = _unstitched_anonymous_ids(layout, layout.tracks).subquery("anonymous_ids")
-    anonymous_context = replace(context, is_anonymous=True)
+    anonymous_context = replace(context, is_anonymous=True, row_key=None)
     unknown = select(
         null().label("user_id"),
         null().label("email"),
@@ -145,7 +143,8 @@ def _predicate(rule: Rule, key: ColumnElement[Any], context: _Context) -> Column
     if isinstance(rule, AnyOf):
         return or_(*(_predicate(r, key, context) for r in rule.rules))
     if isinstance(rule, Not):
-        return not_(_predicate(rule.rule, key, context))
+        # Below a `not`, a trait's NULL comparison must stay a definite false (see _trait).
+        return not_(_predicate(rule.rule, key, replace(context, row_key=None)))
     if isinstance(rule, Performed):
         return _performed(rule, key, context)
     if isinstance(rule, Trait):
@@ -157,11 +156,13 @@ def _performed(rule: Performed, key: ColumnElement[Any], context: _Context) -> C
     layout = context.layout
     events = layout.event_table(rule.event)
     what = f"performed {rule.event!r}"
-    person, source, filters = _event_person(context, events)
+    person, filters = _event_person(context, events)
     filters += [_condition(layout, events, c, what) for c in rule.where]
     if rule.window is not None:
         filters += _window(events.c["timestamp"], rule.window, context.now)
-    people = select(person).select_from(source).where(*filters).group_by(person)
+    counted = select(person.label(MEMBER_KEY)).where(*filters).subquery()
+    member = counted.c[MEMBER_KEY]
+    people = select(member).where(member.is_not(null())).group_by(member)
     kind, times = rule.count.kind, rule.count.times
     if kind is CountKind.AT_LEAST:
         if times == 0:
@@ -181,47 +182,40 @@ def _among(key: ColumnElement[Any], keys: Select[Any]) -> ColumnElement[bool]:
 
 def _event_person(
     context: _Context, events: Table
-) -> tuple[ColumnElement[Any], FromClause, list[ColumnElement[bool]]]:
-    """Who an event row counts for, the FROM clause that tells it, and the rows that count."""
+) -> tuple[ColumnElement[Any], list[ColumnElement[bool]]]:
+    """Who an event row counts for (NULL: no one), and the rows that may count."""
     if context.is_anonymous:
         anonymous_id = events.c["anonymous_id"]
-        return (
-            anonymous_id,
-            events,
-            [events.c["user_id"].is_(null()), _unstitched(context.layout, anonymous_id)],
-        )
-    stitch = context.stitched
-    source = events.outerjoin(
-        stitch,
-        and_(events.c["user_id"].is_(null()), events.c["anonymous_id"] == stitch.c.anonymous_id),
-    )
-    person = func.coalesce(events.c["user_id"], stitch.c.user_id)
-    return person, source, [person.is_not(null())]
+        return anonymous_id, [
+            events.c["user_id"].is_(null()),
+            _unstitched(context.layout, anonymous_id),
+        ]
+    return func.coalesce(events.c["user_id"], _stitched_user(context.layout, events)), []
 
 
-def _stitch(layout: Layout) -> CTE:
-    """anonymous_id -> user_id of the latest identifies row carrying both."""
+def _stitched_user(layout: Layout, events: Table) -> ColumnElement[Any]:
+    """The user of the latest identifies row carrying the event row's anonymous id.
+
+    A lookup per anonymous event (correlated, one index probe on identifies' anonymous_id),
+    not a stitching of all of identifies: the events a rule counts are usually few next to
+    the anonymous ids ever seen, and rows with a user id never get here (COALESCE).
+    """
     identifies = layout.identifies
     order: list[ColumnElement[Any]] = [identifies.c["user_id"].desc()]
     if "timestamp" in identifies.c:
         moment = identifies.c["timestamp"]
         # Not NULLS LAST, which MySQL lacks: where NULLs sort differs between databases.
         order[:0] = [case((moment.is_(null()), 1), else_=0), moment.desc()]
-    ranked = (
-        select(
-            identifies.c["anonymous_id"].label("anonymous_id"),
-            identifies.c["user_id"].label("user_id"),
-            func.row_number()
-            .over(partition_by=identifies.c["anonymous_id"], order_by=order)
-            .label("position"),
-        )
-        .where(identifies.c["anonymous_id"].is_not(null()), identifies.c["user_id"].is_not(null()))
-        .subquery()
-    )
     return (
-        select(ranked.c.anonymous_id, ranked.c.user_id)
-        .where(ranked.c.position == 1)
-        .cte("stitched")
+        select(identifies.c["user_id"])
+        .where(
+            identifies.c["anonymous_id"] == events.c["anonymous_id"],
+            identifies.c["user_id"].is_not(null()),
+        )
+        .order_by(*order)
+        .limit(1)
+        .correlate(events)
+        .scalar_subquery()
     )
 
 
@@ -265,6 +259,11 @@ def _trait(rule: Trait, key: ColumnElement[Any], context: _Context) -> ColumnEle
     if context.is_anonymous:  # anonymous ids have no traits
         return not_(true())
     users = context.layout.users
+    if context.row_key is not None and key is context.row_key:
+        # The key is the id of the users row being read: test that row, no lookup needed.
+        # Never below a `not` (row_key is unset there): a comparison with NULL is NULL, and
+        # NOT NULL would drop the member that `not` should keep.
+        return and_(*(_condition(context.layout, users, c, "trait") for c in rule.conditions))
     holders = select(users.c["id"]).where(
         users.c["id"].is_not(null()),
         *(_condition(context.layout, users, c, "trait") for c in rule.conditions),
@@ -326,7 +325,7 @@ def _in_audience(
         # Cast: a SQL audience may return numeric ids where the users table keeps text.
         user_id = cast(query.c.user_id, context.layout.users.c["id"].type)
         return _among(key, select(user_id).where(query.c.user_id.is_not(null())))
-    inner = replace(context, path=(*context.path, rule.audience))
+    inner = replace(context, path=(*context.path, rule.audience), row_key=None)
     return _among(key, _members(other, inner))
 
 
