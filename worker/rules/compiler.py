@@ -162,7 +162,9 @@ def _performed(rule: Performed, key: ColumnElement[Any], context: _Context) -> C
         filters += _window(events.c["timestamp"], rule.window, context.now)
     counted = select(person.label(MEMBER_KEY)).where(*filters).subquery()
     member = counted.c[MEMBER_KEY]
-    people = select(member).where(member.is_not(null())).group_by(member)
+    # The NULL test in HAVING, not WHERE: PostgreSQL would compute the stitching lookup twice
+    # per anonymous event (once to filter, once to group); in HAVING it reads the group's key.
+    people = select(member).group_by(member).having(member.is_not(null()))
     kind, times = rule.count.kind, rule.count.times
     if kind is CountKind.AT_LEAST:
         if times == 0:
