@@ -262,6 +262,39 @@ def test_the_tables_of_the_layouts_schema_are_read(dialect: str, tmp_path: Path)
 
 
 @pytest.mark.parametrize(
+    "dialect",
+    [
+        "sqlite",
+        "duckdb",
+        "mariadb",
+        pytest.param("postgresql", marks=pytest.mark.postgres),
+    ],
+)
+@pytest.mark.parametrize(
+    ("condition", "is_member"),
+    [
+        ({"gt": 29.5}, True),
+        ({"gte": 30.5}, False),
+        ({"lt": 30.5}, True),
+        ({"eq": 29.6}, False),
+        ({"ne": 30.4}, True),
+        ({"in": [0, 29.6]}, False),
+        ({"not_in": [30.4]}, True),
+    ],
+)
+def test_a_fraction_compares_with_a_whole_number_column_unrounded(
+    dialect: str, condition: dict[str, object], is_member: bool, tmp_path: Path
+) -> None:
+    with warehouse(dialect, tmp_path) as engine:
+        load(engine, Dataset(users=[{"id": "u1", "email": None, "plan": None, "age": 30}]))
+        layout = reflect_layout(engine, LayoutSpec())
+        rules = parse_rules({"trait": {"age": condition}})
+        query = compile_audience(rules, layout, now=NOW, audience="this")
+        with engine.connect() as connection:
+            assert (connection.execute(query).all() == [("u1", None)]) is is_member
+
+
+@pytest.mark.parametrize(
     ("data", "expected"),
     [
         ({"url": "sqlite://", "layout": "segment"}, LayoutSpec()),

@@ -283,12 +283,13 @@ def _condition(
         return column.is_not(null())
     if operator is Operator.NOT_EXISTS:
         return column.is_(null())
+    # Each value bound with its own type, not the column's: bound as an INTEGER, 49.5 would
+    # arrive as 50 (PostgreSQL rounds the cast) and `age > 49.5` would leave out age 50.
+    values = [literal(v) for v in (value if isinstance(value, tuple) else (value,))]
     if operator is Operator.IN:
-        return column.in_(value if isinstance(value, tuple) else (value,))
+        return column.in_(values)
     if operator is Operator.NOT_IN:
-        return and_(
-            column.is_not(null()), column.not_in(value if isinstance(value, tuple) else (value,))
-        )
+        return and_(column.is_not(null()), column.not_in(values))
     if operator is Operator.CONTAINS:
         # Not LIKE: SQLite's LIKE ignores case, and `%` or `_` in the value would be wildcards.
         position = func.strpos if layout.dialect == "postgresql" else func.instr
@@ -304,7 +305,7 @@ def _condition(
         Operator.LT: column.__lt__,
         Operator.LTE: column.__le__,
     }
-    result: ColumnElement[bool] = comparisons[operator](value)
+    result: ColumnElement[bool] = comparisons[operator](values[0])
     return result
 
 
