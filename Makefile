@@ -21,9 +21,9 @@ demo: install
 test: install
 	$(BIN)/pytest
 
-# The tests that need neither PostgreSQL nor Redis.
+# The tests that need no server (neither PostgreSQL, Redis nor MariaDB).
 test-sqlite: install
-	$(BIN)/pytest -m "not postgres and not redis"
+	$(BIN)/pytest -m "not postgres and not redis and not mariadb"
 
 lint: install
 	$(BIN)/ruff check .

@@ -29,18 +29,18 @@ from rich.table import Table
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from tests.fixtures.fake_destinations import (
-    DEFAULT_ORTTO_API_KEY,
-    DEFAULT_SEGMENT_WRITE_KEY,
-    FakeDestinationsClient,
-    spawn_fake_destinations,
-)
 from worker import db
 from worker.config import load_config
 from worker.repositories import changes as change_repo
 from worker.runtime import Runtime, build_runtime
 from worker.service import PreparedRun, RunSummary, SyncRequest, SyncService
 from worker.settings import Settings
+from worker.testing.fake_destinations import (
+    DEFAULT_ORTTO_API_KEY,
+    DEFAULT_SEGMENT_WRITE_KEY,
+    FakeDestinationsClient,
+    spawn_fake_destinations,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 DEFAULT_POSTGRES = os.environ.get(

@@ -1,19 +1,39 @@
-"""Shared fixtures: state and source databases on both backends, a configured runtime."""
+"""Shared fixtures: state and source databases on both backends, a configured runtime, the
+fake destination server and the command line pointed at the test's state database.
+
+PostgreSQL and Redis tests carry the `postgres` / `redis` markers from collection on, so
+`-m "not postgres and not redis"` leaves them out without touching either server.
+"""
 
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.fixtures.databases import (
+from worker.runtime import Runtime, build_runtime
+from worker.settings import Settings, get_settings
+from worker.testing.databases import (
     BACKENDS,
     ShopSource,
     drop_template,
     source_database,
     state_database,
 )
-from worker.runtime import Runtime, build_runtime
-from worker.settings import Settings
+from worker.testing.fake_destinations import DEFAULT_ORTTO_KEY, FakeDestinations
+from worker.testing.guarantees import ORTTO_KEY_VARIABLE, point_cli_at
+
+# Fixtures that reach a server whatever the backend parameter says.
+_SERVER_FIXTURES = {"redis_client": "redis"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("backend") == "postgresql":
+            item.add_marker(pytest.mark.postgres)
+        for fixture, marker in _SERVER_FIXTURES.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(getattr(pytest.mark, marker))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -22,8 +42,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
-    if request.param == "postgresql":
-        request.applymarker(pytest.mark.postgres)
     return str(request.param)
 
 
@@ -57,3 +75,35 @@ def runtime(settings: Settings) -> Iterator[Runtime]:
         yield rt
     finally:
         rt.close()
+
+
+@pytest.fixture
+def ortto_key() -> str:
+    """The key the fake Ortto endpoint accepts; a module overrides it for a key of its own."""
+    return DEFAULT_ORTTO_KEY
+
+
+@pytest.fixture
+def fake(ortto_key: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDestinations]:
+    """The fake destination server on a free port, its Ortto key in the environment (where
+    `guarantees.ortto_destination` reads it), stopped after the test."""
+    with FakeDestinations(ortto_key=ortto_key) as server:
+        monkeypatch.setenv(ORTTO_KEY_VARIABLE, server.ortto_key)
+        yield server
+
+
+@pytest.fixture
+def cli_settings() -> dict[str, str]:
+    """AUDIENCE_SYNC_* settings of the `cli` fixture; a module overrides it."""
+    return {}
+
+
+@pytest.fixture
+def cli(
+    monkeypatch: pytest.MonkeyPatch, state_url: str, cli_settings: dict[str, str]
+) -> Iterator[None]:
+    """The command line run in this process (`guarantees.invoke`) uses the test's state
+    database and `cli_settings`."""
+    point_cli_at(monkeypatch, state_url, **cli_settings)
+    yield
+    get_settings.cache_clear()

@@ -11,7 +11,6 @@ import pytest
 import redis
 from celery.app.utils import find_app
 
-from tests.fixtures.celery_worker import CELERY_REDIS_URL, check_redis
 from worker.celery import (
     DISPATCH_EVERY_SECONDS,
     VISIBILITY_TIMEOUT_SECONDS,
@@ -31,6 +30,7 @@ from worker.tasks import (
     redis_limiter_factory,
     retry_delay,
 )
+from worker.testing.celery_worker import CELERY_REDIS_URL, check_redis
 
 TASKS = {
     "audience_sync.dispatch_due",

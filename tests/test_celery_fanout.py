@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.databases import ShopSource
-from tests.fixtures.factories import apply_file, audience, read_calls, write_config
 from worker.runtime import Runtime, build_runtime
 from worker.service import (
     ChunkRange,
@@ -23,6 +21,8 @@ from worker.service import (
     chunk_ranges,
 )
 from worker.settings import Settings
+from worker.testing.databases import ShopSource
+from worker.testing.factories import apply_file, audience, read_calls, write_config
 
 
 @pytest.mark.parametrize(

@@ -20,18 +20,18 @@ import pytest
 from sqlalchemy import select
 
 from models import Audience, AudienceDestination, Destination, SyncRun
-from tests.fixtures.celery_worker import ROOT, CeleryWorker, celery_beat, celery_worker, wait_for
-from tests.fixtures.databases import ShopSource, postgres_database, source_database
-from tests.fixtures.factories import apply_file, audience, read_calls, write_config
-from tests.fixtures.fake_destinations import (
-    DEFAULT_ORTTO_KEY,
-    FakeDestinations,
-    max_requests_in_window,
-)
 from worker.runtime import Runtime, build_runtime
 from worker.service import ChunkRange, FanOut, PreparedRun, SyncRequest
 from worker.settings import Settings
 from worker.tasks import ABANDONED, fan_out_chord
+from worker.testing.celery_worker import ROOT, CeleryWorker, celery_beat, celery_worker, wait_for
+from worker.testing.databases import ShopSource, postgres_database, source_database
+from worker.testing.factories import apply_file, audience, read_calls, write_config
+from worker.testing.fake_destinations import (
+    DEFAULT_ORTTO_KEY,
+    FakeDestinations,
+    max_requests_in_window,
+)
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
 
@@ -60,12 +60,6 @@ def runtime(state_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Runtime
         yield rt
     finally:
         rt.close()
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeDestinations]:
-    with FakeDestinations() as server:
-        yield server
 
 
 def _worker(

@@ -1,19 +1,22 @@
 """The `audience-sync` command line, through typer's CliRunner (SQLite state database, the
 file destination): what each command prints and its exit status."""
 
+import io
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.fixtures.databases import ShopSource, state_database
-from tests.fixtures.factories import audience, read_calls, write_config
-from tests.fixtures.guarantees import error_lines, invoke, point_cli_at
+from worker import cli
 from worker.db import make_engine, make_session_factory
 from worker.pool import DestinationPool, http_options
 from worker.service import SyncRequest, SyncService
 from worker.settings import Settings, get_settings
+from worker.testing.databases import ShopSource, state_database
+from worker.testing.factories import audience, read_calls, write_config
+from worker.testing.guarantees import cli_env, error_lines, invoke, point_cli_at, run_cli
 
 
 @pytest.fixture
@@ -61,7 +64,7 @@ def _table_rows(output: str, width: int) -> list[list[str]]:
 def _sync(*args: str) -> tuple[int, list[dict[str, object]]]:
     result = invoke("sync", *args)
     history = invoke("history", "--json")
-    return result.exit_code, [json.loads(line) for line in history.stdout.splitlines()]
+    return result.exit_code, json.loads(history.stdout)
 
 
 def test_apply_creates_updates_and_archives(state: str, shop: ShopSource, tmp_path: Path) -> None:
@@ -103,17 +106,19 @@ def test_sync_and_history(state: str, shop: ShopSource, tmp_path: Path) -> None:
     code, runs = _sync("order_completed", "--full")
     assert code == 0 and (runs[0]["mode"], runs[0]["sent"]) == ("full", 2)
 
-    history = [json.loads(line) for line in invoke("history", "--json").stdout.splitlines()]
+    history = json.loads(invoke("history", "--json").stdout)
     assert [r["id"] for r in history] == [4, 3, 2, 1]  # newest first
     assert set(history[0]) >= {
         "id", "audience", "destination", "mode", "trigger", "status", "started_at",
         "finished_at", "members", "entered", "exited", "sent", "failed", "skipped_rows",
-        "error",
+        "error", "duration_seconds",
     }  # fmt: skip
+    assert all(isinstance(r["duration_seconds"], float) for r in history)
     limited = invoke("history", "--json", "--limit", "1", "--audience", "high_value_customers")
-    assert [json.loads(line)["id"] for line in limited.stdout.splitlines()] == [1]
-    table = _table_rows(invoke("history").stdout, 13)
+    assert [r["id"] for r in json.loads(limited.stdout)] == [1]
+    table = _table_rows(invoke("history").stdout, 14)
     assert [row[0] for row in table] == ["4", "3", "2", "1"]
+    assert all(row[7].endswith("s") for row in table)  # each run's duration
 
 
 @pytest.mark.parametrize(
@@ -123,6 +128,11 @@ def test_sync_and_history(state: str, shop: ShopSource, tmp_path: Path) -> None:
         (["sync", "order_completed", "--all"], "not both"),
         (["sync", "--destination", "nowhere"], "no destination named 'nowhere'"),
         (["runs", "show", "999"], "no run 999"),
+        (["runs", "show", "999", "--json"], "no run 999"),
+        (["history", "--audience", "no_such_audience"], "no audience with key 'no_such_audience'"),
+        (["history", "--audience", "nope", "--json"], "no audience with key 'nope'"),
+        (["failures", "--audience", "nope"], "no audience with key 'nope'"),
+        (["failures", "--audience", "nope", "--json"], "no audience with key 'nope'"),
         (["archive", "no_such_audience"], "no audience with key 'no_such_audience'"),
         (["apply", "no-such-file.yml"], "cannot read no-such-file.yml"),
         (["destinations", "check", "nowhere"], "no destination named 'nowhere'"),
@@ -210,8 +220,110 @@ def test_db_upgrade(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     get_settings.cache_clear()
     try:
         first = invoke("db", "upgrade")
-        assert first.exit_code == 0 and "up to date" in first.stdout
+        assert first.exit_code == 0 and "created the schema at revision" in first.stdout
         assert (tmp_path / "new.db").exists()
         assert invoke("audiences", "list").exit_code == 0
     finally:
         get_settings.cache_clear()
+
+
+def test_every_read_command_prints_one_json_document(
+    state: str, shop: ShopSource, tmp_path: Path
+) -> None:
+    invoke("apply", str(_config(tmp_path, shop, "Order Completed", "High-Value Customers")))
+    invoke("sync")
+    documents = {}
+    for args in (
+        ("status",),
+        ("audiences", "list"),
+        ("history",),
+        ("history", "--audience", "order_completed"),
+        ("runs", "show", "1"),
+        ("failures",),
+        ("failures", "--all", "--audience", "order_completed"),
+    ):
+        result = invoke(*args, "--json")
+        assert result.exit_code == 0, result.output
+        documents[args] = json.loads(result.stdout)  # one document, not lines
+        assert isinstance(documents[args], list | dict)
+    assert [r["audience_key"] for r in documents[("status",)]] == [
+        "high_value_customers",
+        "order_completed",
+    ]
+    assert documents[("status",)][0]["last_status"] == "succeeded"
+    assert documents[("audiences", "list")][1] == {
+        "key": "order_completed",
+        "name": "Order Completed",
+        "source": "shop",
+        "schedule": "every 2h",
+        "destinations": ["local"],
+        "is_archived": False,
+    }
+    assert [r["id"] for r in documents[("history",)]] == [2, 1]
+    assert [r["id"] for r in documents[("history", "--audience", "order_completed")]] == [2]
+    assert documents[("runs", "show", "1")]["id"] == 1
+    assert documents[("failures",)] == []
+
+
+LONG_NAME = "Customers Who Completed An Order In The Last Thirty Days"
+LONG_KEY = "customers_who_completed_an_order_in_the_last_thirty_days"
+LONG_TABLE = "orders_completed_by_customers_in_the_last_thirty_days_of_the_year"
+
+
+def test_piped_output_is_full_width_and_uncoloured(
+    state: str, shop: ShopSource, tmp_path: Path
+) -> None:
+    """A real process writing to a pipe, in an 80-column environment: nothing is cut."""
+    broken = {**audience(LONG_NAME, "a"), "query": f"select user_id from {LONG_TABLE}"}
+    config = write_config(tmp_path, source_url=shop.url, audiences=[broken])
+    env = {**cli_env(state), "COLUMNS": "80", "TERM": "xterm-256color"}
+    env.pop("NO_COLOR", None)
+    assert run_cli("apply", str(config), "--no-check-queries", env=env).returncode == 0
+    synced = run_cli("sync", env=env)
+    assert synced.returncode == 1
+    outputs = [synced.stdout]
+    for args in (
+        ("status",),
+        ("audiences", "list"),
+        ("history",),
+        ("runs", "show", "1"),
+        ("failures", "--all"),
+    ):
+        result = run_cli(*args, env=env)
+        assert result.returncode == 0, result.stderr
+        outputs.append(result.stdout)
+    for output in outputs:
+        assert "…" not in output
+        assert "\x1b[" not in output  # no colour codes
+    history = outputs[3]
+    [row] = _table_rows(history, 14)
+    assert row[1] == LONG_KEY
+    assert LONG_TABLE in row[-1] and row[-1].startswith("source shop: ")
+    assert max(len(line) for line in history.splitlines()) > 80
+    assert LONG_NAME in outputs[2]
+
+
+def test_consoles_are_full_width_and_uncoloured_only_off_a_terminal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    piped = cli.make_console()  # pytest captures stdout: not a terminal
+    assert (piped.width, piped.no_color, piped.color_system) == (cli.PIPED_WIDTH, True, None)
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    terminal = cli.make_console()
+    assert (terminal.width, terminal.no_color) == (80, False)
+
+
+def test_a_directory_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    result = invoke("demo", "--dir", str(blocker / "demo"))
+    assert result.exit_code == 2
+    [line] = error_lines(result)
+    assert line.startswith("error: ") and "not-a-directory" in line, line

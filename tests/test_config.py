@@ -6,11 +6,11 @@ import pytest
 from sqlalchemy import select
 
 from models import Audience, AudienceDestination, Destination
-from tests.fixtures.databases import ShopSource
-from tests.fixtures.factories import apply_file, audience, write_config
 from worker.config import load_config
 from worker.errors import ConfigError
 from worker.runtime import Runtime
+from worker.testing.databases import ShopSource
+from worker.testing.factories import apply_file, audience, write_config
 
 VALID = """\
 sources:
@@ -197,3 +197,38 @@ def test_destination_removed_from_audience_is_disabled(
         }
     assert enabled == {("one", True), ("two", False)}
     assert runtime.service.select_pairs(audience_keys=["a"]) != []
+
+
+SEGMENT = """\
+sources:
+  shop: {url: "${SHOP_URL}"}
+destinations:
+  segment:
+    type: segment
+    write_key: "${SEGMENT_KEY}"
+    region: REGION
+audiences:
+  - name: VIPs
+    source: shop
+    query: select id as user_id from users
+    destinations: [segment]
+"""
+
+
+@pytest.mark.parametrize("region", ["us", "eu"])
+def test_segment_region_is_accepted(tmp_path: Path, region: str) -> None:
+    config = _load(
+        tmp_path, SEGMENT.replace("REGION", region), {**ENV, "SEGMENT_KEY": "write-key-0123"}
+    )
+    [segment] = config.destinations  # type: ignore[attr-defined]
+    assert segment.settings["region"] == region
+
+
+@pytest.mark.parametrize("region", ["EU", "eu1", "asia", "''"])
+def test_a_bad_segment_region_names_the_file_and_line(tmp_path: Path, region: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        _load(tmp_path, SEGMENT.replace("REGION", region), {**ENV, "SEGMENT_KEY": "k-0123"})
+    path = tmp_path / "audiences.yml"
+    assert str(caught.value) == (
+        f"{path}: destinations.segment (line 7): region: Input should be 'us' or 'eu'"
+    )

@@ -5,8 +5,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from tests.fixtures.factories import destination_state, read_calls
 from worker.demo import run_demo
+from worker.testing.factories import destination_state, read_calls
 
 
 def test_demo_syncs_initial_then_incremental(tmp_path: Path) -> None:

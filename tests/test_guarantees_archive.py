@@ -5,26 +5,21 @@ active (exit status 1) so that the archive can be tried again.
 """
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.fixtures.databases import ShopSource
-from tests.fixtures.fake_destinations import FakeDestinations
-from tests.fixtures.guarantees import error_lines, invoke, point_cli_at, running_fake, sync_to_fake
 from worker.runtime import Runtime
-from worker.settings import get_settings
+from worker.testing.databases import ShopSource
+from worker.testing.fake_destinations import FakeDestinations
+from worker.testing.guarantees import error_lines, invoke, sync_to_fake
 
 KEY = "archive_test"
 
 
 @pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch, state_url: str) -> Iterator[FakeDestinations]:
-    point_cli_at(monkeypatch, state_url, quarantine_after="1")
-    with running_fake(monkeypatch) as server:
-        yield server
-    get_settings.cache_clear()
+def cli_settings() -> dict[str, str]:
+    return {"quarantine_after": "1"}
 
 
 def _audiences() -> dict[str, bool]:
@@ -54,7 +49,7 @@ def _setup(tmp_path: Path, shop: ShopSource, runtime: Runtime, fake: FakeDestina
 
 
 def test_archive_with_exit_members_sends_false_to_every_member(
-    tmp_path: Path, shop: ShopSource, runtime: Runtime, fake: FakeDestinations
+    tmp_path: Path, shop: ShopSource, runtime: Runtime, fake: FakeDestinations, cli: None
 ) -> None:
     _setup(tmp_path, shop, runtime, fake)
     result = invoke("archive", KEY, "--exit-members")
@@ -64,7 +59,7 @@ def test_archive_with_exit_members_sends_false_to_every_member(
     assert fake.state("ortto")[KEY] == dict.fromkeys(held, False)
     assert len(fake.items("ortto")) == len(held)  # each once; u8 and u9 not again
     assert _audiences() == {KEY: True}
-    run = json.loads(invoke("history", "--audience", KEY, "--limit", "1", "--json").stdout)
+    [run] = json.loads(invoke("history", "--audience", KEY, "--limit", "1", "--json").stdout)
     assert (run["mode"], run["status"], run["exited"], run["sent"]) == (
         "archive",
         "succeeded",
@@ -82,7 +77,7 @@ def test_archive_with_exit_members_sends_false_to_every_member(
 
 
 def test_archive_without_exit_members_sends_nothing(
-    tmp_path: Path, shop: ShopSource, runtime: Runtime, fake: FakeDestinations
+    tmp_path: Path, shop: ShopSource, runtime: Runtime, fake: FakeDestinations, cli: None
 ) -> None:
     _setup(tmp_path, shop, runtime, fake)
     result = invoke("archive", KEY)
@@ -92,7 +87,7 @@ def test_archive_without_exit_members_sends_nothing(
 
 
 def test_an_archive_whose_exits_fail_leaves_the_audience_active(
-    tmp_path: Path, shop: ShopSource, runtime: Runtime, fake: FakeDestinations
+    tmp_path: Path, shop: ShopSource, runtime: Runtime, fake: FakeDestinations, cli: None
 ) -> None:
     _setup(tmp_path, shop, runtime, fake)
     fake.stop()

@@ -7,21 +7,19 @@ state database whose every row is what it was before.
 """
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.fixtures.databases import ShopSource
-from tests.fixtures.guarantees import (
+from worker.testing.databases import ShopSource
+from worker.testing.guarantees import (
     ORTTO_KEY_VARIABLE,
     dump_database,
     error_lines,
     invoke,
-    point_cli_at,
 )
-from worker.settings import get_settings
 
 GOOD = """\
 sources:
@@ -155,13 +153,10 @@ CASES = [
 
 
 @pytest.fixture
-def cli_state(
-    state_url: str, shop: ShopSource, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[str]:
-    point_cli_at(monkeypatch, state_url)
+def cli_state(cli: None, state_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The command line on the test's state database, with a good Ortto key."""
     monkeypatch.setenv(ORTTO_KEY_VARIABLE, GOOD_KEY)
-    yield state_url
-    get_settings.cache_clear()
+    return state_url
 
 
 def _good(tmp_path: Path, shop: ShopSource) -> str:

@@ -14,7 +14,7 @@ test that waits for the lock in real time runs every process for real).
 import random
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -22,29 +22,28 @@ import pytest
 from sqlalchemy import func, select
 
 from models import Snapshot, SyncRun
-from tests.fixtures.databases import ShopSource
-from tests.fixtures.factories import (
+from worker.destinations.ortto import OrttoDestination
+from worker.repositories.runs import INTERRUPTED
+from worker.runtime import Runtime
+from worker.service import PreparedRun, SyncRequest, SyncService, utcnow
+from worker.testing.databases import ShopSource
+from worker.testing.factories import (
     apply_file,
     audience,
     destination_state,
     read_calls,
     write_config,
 )
-from tests.fixtures.fake_destinations import FakeDestinations
-from tests.fixtures.guarantees import (
+from worker.testing.fake_destinations import FakeDestinations
+from worker.testing.guarantees import (
     ORTTO_KEY_VARIABLE,
     cli_env,
     ortto_destination,
     redundant_sends,
     run_cli,
-    running_fake,
     start_cli,
     wrong_values,
 )
-from worker.destinations.ortto import OrttoDestination
-from worker.repositories.runs import INTERRUPTED
-from worker.runtime import Runtime
-from worker.service import PreparedRun, SyncRequest, SyncService, utcnow
 
 KEY = "crash_test"
 LOCK_TTL = 5
@@ -53,12 +52,6 @@ PAGE = OrttoDestination.max_batch_items  # calls per page the service hands to t
 
 def _user(i: int) -> str:
     return f"u{i:05d}"
-
-
-@pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDestinations]:
-    with running_fake(monkeypatch) as server:
-        yield server
 
 
 def _configure(

@@ -7,25 +7,21 @@ error, no snapshot kept. `sync --allow-mass-exit` lets it through.
 """
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
 
 from models import Snapshot
-from tests.fixtures.databases import ShopSource
-from tests.fixtures.fake_destinations import FakeDestinations
-from tests.fixtures.guarantees import (
+from worker.runtime import Runtime
+from worker.service import mass_exit_reason
+from worker.testing.databases import ShopSource
+from worker.testing.fake_destinations import FakeDestinations
+from worker.testing.guarantees import (
     invoke,
-    point_cli_at,
-    running_fake,
     sync_to_fake,
     wrong_values,
 )
-from worker.runtime import Runtime
-from worker.service import mass_exit_reason
-from worker.settings import get_settings
 
 KEY = "mass_exit_test"
 
@@ -70,14 +66,6 @@ def test_mass_exit_reason(
         assert "--allow-mass-exit" in reason
 
 
-@pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch, state_url: str) -> Iterator[FakeDestinations]:
-    point_cli_at(monkeypatch, state_url)
-    with running_fake(monkeypatch) as server:
-        yield server
-    get_settings.cache_clear()
-
-
 def _snapshots(runtime: Runtime) -> int:
     with runtime.sessions() as session:
         return session.scalar(select(func.count()).select_from(Snapshot)) or 0
@@ -85,7 +73,7 @@ def _snapshots(runtime: Runtime) -> int:
 
 def _last_run() -> dict[str, object]:
     history = invoke("history", "--audience", KEY, "--limit", "1", "--json")
-    record: dict[str, object] = json.loads(history.stdout)
+    [record] = json.loads(history.stdout)
     return record
 
 
@@ -110,7 +98,7 @@ def _blocked_then_allowed(
 
 
 def test_a_mass_exit_is_blocked_until_allowed(
-    tmp_path: Path, shop: ShopSource, runtime: Runtime, fake: FakeDestinations
+    tmp_path: Path, shop: ShopSource, runtime: Runtime, fake: FakeDestinations, cli: None
 ) -> None:
     shop.add((f"u{i:03d}", None, 1, 0, 0) for i in range(150))
     sync_to_fake(runtime, tmp_path, shop, fake, "Mass Exit Test")
@@ -127,7 +115,7 @@ def test_a_mass_exit_is_blocked_until_allowed(
 
 
 def test_an_empty_source_is_blocked_until_allowed(
-    tmp_path: Path, shop: ShopSource, runtime: Runtime, fake: FakeDestinations
+    tmp_path: Path, shop: ShopSource, runtime: Runtime, fake: FakeDestinations, cli: None
 ) -> None:
     shop.add((f"u{i}", None, 1, 0, 0) for i in range(3))
     sync_to_fake(runtime, tmp_path, shop, fake, "Mass Exit Test")
@@ -138,7 +126,7 @@ def test_an_empty_source_is_blocked_until_allowed(
 
 
 def test_the_limit_is_per_audience(
-    tmp_path: Path, shop: ShopSource, runtime: Runtime, fake: FakeDestinations
+    tmp_path: Path, shop: ShopSource, runtime: Runtime, fake: FakeDestinations, cli: None
 ) -> None:
     shop.add((f"u{i:03d}", None, 1, 0, 0) for i in range(200))
     sync_to_fake(runtime, tmp_path, shop, fake, "Mass Exit Test", max_exit_fraction=0.9)

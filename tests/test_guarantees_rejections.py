@@ -8,39 +8,25 @@ after five rejections in a row (the default) the user is quarantined, listed by
 """
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.fixtures.databases import ShopSource
-from tests.fixtures.fake_destinations import FakeDestinations
-from tests.fixtures.guarantees import (
+from worker.runtime import Runtime
+from worker.testing.databases import ShopSource
+from worker.testing.fake_destinations import FakeDestinations
+from worker.testing.guarantees import (
     invoke,
-    point_cli_at,
-    running_fake,
     sync_to_fake,
 )
-from worker.runtime import Runtime
-from worker.settings import get_settings
 
 KEY, OTHER = "rejection_test", "other_audience"
-
-
-@pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch, state_url: str) -> Iterator[FakeDestinations]:
-    point_cli_at(monkeypatch, state_url)
-    with running_fake(monkeypatch) as server:
-        yield server
-    get_settings.cache_clear()
 
 
 def _sync(*args: str) -> tuple[int, dict[str, Any]]:
     """`sync KEY ARGS`: the exit status and the run, as `runs show --json` tells it."""
     result = invoke("sync", KEY, *args)
     history = invoke("history", "--audience", KEY, "--limit", "1", "--json")
-    run_id = json.loads(history.stdout)["id"]
+    run_id = json.loads(history.stdout)[0]["id"]
     shown = invoke("runs", "show", str(run_id), "--json")
     assert shown.exit_code == 0, shown.output
     return result.exit_code, json.loads(shown.stdout)
@@ -59,7 +45,7 @@ def _failures(*args: str) -> dict[tuple[str, str], list[str]]:
 
 
 def test_rejected_users_are_recorded_retried_and_quarantined(
-    tmp_path: Path, shop: ShopSource, runtime: Runtime, fake: FakeDestinations
+    tmp_path: Path, shop: ShopSource, runtime: Runtime, fake: FakeDestinations, cli: None
 ) -> None:
     shop.add((f"u{i:02d}", None, 1, int(i == 3), 0) for i in range(10))
     sync_to_fake(runtime, tmp_path, shop, fake, "Rejection Test", "Other Audience")

@@ -10,24 +10,23 @@ every table of the state database is searched for the secrets.
 import logging
 import os
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import Result
 from sqlalchemy.engine import make_url
 
-from tests.fixtures.databases import ShopSource
-from tests.fixtures.factories import audience, write_config
-from tests.fixtures.fake_destinations import FakeDestinations
-from tests.fixtures.guarantees import (
+from worker.settings import get_settings
+from worker.testing.databases import ShopSource
+from worker.testing.factories import audience, write_config
+from worker.testing.fake_destinations import FakeDestinations
+from worker.testing.guarantees import (
     ORTTO_KEY_VARIABLE,
     dump_database,
     invoke,
     ortto_destination,
     point_cli_at,
 )
-from worker.settings import get_settings
 
 KEY = "secret_test"
 SOURCE_VARIABLE = "SECRET_TEST_SOURCE_URL"
@@ -36,12 +35,6 @@ SOURCE_VARIABLE = "SECRET_TEST_SOURCE_URL"
 @pytest.fixture
 def ortto_key() -> str:
     return f"pau-{uuid.uuid4().hex}"
-
-
-@pytest.fixture
-def fake(ortto_key: str) -> Iterator[FakeDestinations]:
-    with FakeDestinations(ortto_key=ortto_key) as server:
-        yield server
 
 
 def _source_url(shop: ShopSource, password: str) -> str:

@@ -26,9 +26,9 @@ def test_audience_key(name: str, key: str) -> None:
     assert audience_key(name) == key
 
 
-@pytest.mark.parametrize("name", ["", "!!!", "   ", "---", "()"])
-def test_name_without_letters_or_digits_is_refused(name: str) -> None:
-    with pytest.raises(ConfigError, match="no letters or digits"):
+@pytest.mark.parametrize("name", ["", "!!!", "   ", "---", "()", "日本のユーザー", "Ελληνικά"])
+def test_name_without_latin_letters_or_digits_asks_for_a_key(name: str) -> None:
+    with pytest.raises(ConfigError, match=r"no letters or digits .*Latin.*pin one with `key:`"):
         audience_key(name)
 
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.databases import source_database, state_database
-from tests.fixtures.factories import apply_file, audience, write_config
 from worker.runtime import build_runtime
 from worker.service import RunSummary, SyncRequest
 from worker.settings import Settings
+from worker.testing.databases import source_database, state_database
+from worker.testing.factories import apply_file, audience, write_config
 
 TTL = 5
 

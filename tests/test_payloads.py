@@ -4,7 +4,15 @@ from datetime import UTC, datetime
 
 import pytest
 
-from worker.payloads import AudienceRef, Change, identify_call, message_id
+from worker.payloads import (
+    AudienceRef,
+    Change,
+    computation_id,
+    identify_call,
+    message_id,
+    personas_context,
+    segment_timestamp,
+)
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 AUDIENCE = AudienceRef(id=42, key="order_completed_last_30days", name="Order Completed Last 30days")
@@ -22,13 +30,66 @@ def test_identify_call_matches_segment_spec() -> None:
             "personas": {
                 "computation_class": "audience",
                 "computation_key": "order_completed_last_30days",
-                "computation_id": "42",
+                "computation_id": computation_id("order_completed_last_30days"),
                 "namespace": "audience-sync",
+                "space_id": "audience-sync",
             }
         },
         "messageId": message_id(42, 7, change),
-        "timestamp": "2026-11-28T12:00:00Z",
+        "timestamp": "2026-11-28T12:00:00.000Z",
     }
+
+
+def test_space_id_fills_space_id_and_namespace() -> None:
+    audience = AudienceRef(id=42, key="vips", name="VIPs", space_id="spa_o1E9shop")
+    personas = identify_call(audience, 7, Change("u", False, None, True, None), now=NOW)["context"][
+        "personas"
+    ]
+    assert personas == {
+        "computation_class": "audience",
+        "computation_key": "vips",
+        "computation_id": computation_id("vips"),
+        "namespace": "spa_o1E9shop",
+        "space_id": "spa_o1E9shop",
+    }
+    assert personas_context(audience) == personas
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        # Pinned values: the id must never change for an audience, whatever the database.
+        ("order_completed_last_30days", "aud_ad99416c327ccea4e71dbb64"),
+        ("vips", "aud_708c1ef6daa755c233e43b3b"),
+    ],
+)
+def test_computation_id_is_a_stable_string_per_key(key: str, expected: str) -> None:
+    assert computation_id(key) == expected
+    assert computation_id(key).startswith("aud_")
+    assert len(computation_id(key)) == 28
+
+
+def test_computation_id_does_not_depend_on_the_database_id() -> None:
+    first = AudienceRef(id=1, key="vips", name="VIPs")
+    again = AudienceRef(id=977, key="vips", name="VIPs (renamed)")
+    other = AudienceRef(id=1, key="churn_risk", name="Churn risk")
+    assert personas_context(first) == personas_context(again)
+    assert personas_context(first)["computation_id"] != personas_context(other)["computation_id"]
+
+
+@pytest.mark.parametrize(
+    ("now", "expected"),
+    [
+        (NOW, "2026-11-28T12:00:00.000Z"),
+        (datetime(2026, 11, 28, 12, 0, 1, 123456, tzinfo=UTC), "2026-11-28T12:00:01.123Z"),
+        (
+            datetime.fromisoformat("2026-11-28T13:00:00+01:00"),
+            "2026-11-28T12:00:00.000Z",
+        ),
+    ],
+)
+def test_timestamp_is_utc_with_milliseconds(now: datetime, expected: str) -> None:
+    assert segment_timestamp(now) == expected
 
 
 def test_anonymous_member_and_exit_without_email() -> None:

@@ -25,9 +25,6 @@ from hypothesis import strategies as st
 from sqlalchemy import func, select
 
 from models import FailingMember, SyncedMember, SyncRun
-from tests.fixtures.databases import ShopSource
-from tests.fixtures.factories import audience, write_config
-from tests.fixtures.guarantees import wrong_values
 from worker import db
 from worker.config import load_config
 from worker.destinations.base import DestinationClient, Rejection
@@ -38,6 +35,9 @@ from worker.pool import DestinationPool
 from worker.repositories.runs import INTERRUPTED
 from worker.service import RunSummary, SyncRequest, SyncService
 from worker.settings import Settings
+from worker.testing.databases import ShopSource
+from worker.testing.factories import audience, write_config
+from worker.testing.guarantees import wrong_values
 
 USERS = [f"u{i:02d}" for i in range(12)]
 KEY = "property_audience"

@@ -53,6 +53,7 @@ RECORD = RunRecord(
     2,
     SKIPPED,
     "2 user(s) rejected",
+    44.876544,
 )
 
 
@@ -109,7 +110,7 @@ def test_history_table_cuts_times_to_the_second() -> None:
     [row] = _rows(table)
     assert row == [
         "7", "order_completed", "local", "incremental", "schedule", "partial",
-        "2026-11-28T09:30:15", "10", "3", "1", "4", "2", "",
+        "2026-11-28T09:30:15", "44.9s", "10", "3", "1", "4", "2", "",
     ]  # fmt: skip
 
 
@@ -118,12 +119,58 @@ def test_run_json_keeps_every_field_in_order() -> None:
     assert list(record) == [
         "id", "audience", "destination", "mode", "trigger", "status", "started_at",
         "finished_at", "members", "entered", "exited", "sent", "failed", "skipped_rows",
-        "error",
+        "error", "duration_seconds",
     ]  # fmt: skip
     assert record["started_at"] == "2026-11-28T09:30:15.123456+00:00"
     assert record["finished_at"] is None
     assert record["skipped_rows"] == {"null_id": 3, "duplicate_id": 1}
     assert json.loads(json.dumps(record)) == record
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (None, ""),
+        (0.04, "0.0s"),
+        (12.34, "12.3s"),
+        (59.94, "59.9s"),
+        (60, "1m00s"),
+        (185.9, "3m05s"),
+        (3599, "59m59s"),
+        (3600, "1h00m"),
+        (7620, "2h07m"),
+        (90000, "25h00m"),
+    ],
+)
+def test_duration(seconds: float | None, text: str) -> None:
+    assert render.duration(seconds) == text
+
+
+def test_json_value_of_plain_values() -> None:
+    status = PairStatus(2, "b", "local", "every 2h", 4, "running", STARTED, FINISHED, True)
+    assert render.json_value([status]) == [
+        {
+            "pair_id": 2, "audience_key": "b", "destination": "local", "schedule": "every 2h",
+            "last_run_id": 4, "last_status": "running",
+            "last_started_at": "2026-11-28T09:30:15.123456+00:00",
+            "next_due_at": "2026-11-28T09:31:00+00:00", "is_running": True,
+        }
+    ]  # fmt: skip
+    listing = AudienceListing("a", "A", "shop", "every 2h", ("local", "ortto"), False)
+    assert render.json_value(listing)["destinations"] == ["local", "ortto"]
+    assert render.json_value(SKIPPED) == {"null_id": 3, "duplicate_id": 1}
+
+
+def test_tables_fold_long_cells_instead_of_cutting_them() -> None:
+    long_error = "HTTP 401 from the destination: " + "the API key was refused " * 6
+    narrow = io.StringIO()
+    table = render.history_table([replace(RECORD, error=long_error)])
+    Console(file=narrow, width=80, color_system=None).print(table)
+    assert "…" not in narrow.getvalue()
+    lines = narrow.getvalue().splitlines()
+    body = lines[next(i for i, line in enumerate(lines) if line.startswith("┡")) + 1 :]
+    folded = "".join(line.split("│")[-2] for line in body if "│" in line)
+    assert folded.replace(" ", "") == long_error.replace(" ", "")
 
 
 def test_run_detail_json_and_text() -> None:

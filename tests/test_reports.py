@@ -1,15 +1,11 @@
 """The read side on both state databases: audiences, history, one run and failing users,
 returned as plain values."""
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.fixtures.databases import ShopSource
-from tests.fixtures.factories import apply_file, audience, sync_all, write_config
-from tests.fixtures.fake_destinations import FakeDestinations
-from tests.fixtures.guarantees import running_fake, sync_to_fake
+from worker.errors import NotFoundError
 from worker.reports import (
     AudienceListing,
     FailingUser,
@@ -19,17 +15,15 @@ from worker.reports import (
 )
 from worker.runtime import Runtime
 from worker.service import SyncRequest
+from worker.testing.databases import ShopSource
+from worker.testing.factories import apply_file, audience, sync_all, write_config
+from worker.testing.fake_destinations import FakeDestinations
+from worker.testing.guarantees import sync_to_fake
 
 
 @pytest.fixture
 def reports(runtime: Runtime) -> ReportService:
     return ReportService(session_factory=runtime.sessions)
-
-
-@pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDestinations]:
-    with running_fake(monkeypatch) as server:
-        yield server
 
 
 def _apply(runtime: Runtime, tmp_path: Path, shop: ShopSource, *flags: str) -> None:
@@ -74,6 +68,7 @@ def test_history_newest_first_filtered_and_limited(
     assert (first.destination, first.trigger, first.status) == ("local", "manual", "succeeded")
     assert (first.members, first.entered, first.exited, first.sent, first.failed) == (1, 1, 0, 1, 0)
     assert first.finished_at is not None and first.finished_at >= first.started_at
+    assert first.duration_seconds == (first.finished_at - first.started_at).total_seconds()
     assert first.error is None
     assert dict(history[1].skipped_rows) == {"null_id": 1}
     with pytest.raises(TypeError):  # a frozen record hands out no dict to change
@@ -81,7 +76,8 @@ def test_history_newest_first_filtered_and_limited(
 
     assert [r.id for r in reports.history(limit=1)] == [3]
     assert [r.id for r in reports.history(audience_key="high_value_customers")] == [1]
-    assert reports.history(audience_key="no_such_audience") == []
+    with pytest.raises(NotFoundError, match="no audience with key 'no_such_audience'"):
+        reports.history(audience_key="no_such_audience")
 
 
 def test_one_run_with_its_failures_and_failing_users(
@@ -91,7 +87,8 @@ def test_one_run_with_its_failures_and_failing_users(
     fake: FakeDestinations,
     tmp_path: Path,
 ) -> None:
-    assert reports.run(1) is None
+    with pytest.raises(NotFoundError, match="no run 1"):
+        reports.run(1)
     shop.add((f"u{i}", None, 1, 0, 0) for i in range(4))
     sync_to_fake(runtime, tmp_path, shop, fake, "Rejection Test")
     fake.reject_items(["u1", "u3"], status=400, message="invalid contact")
@@ -113,4 +110,7 @@ def test_one_run_with_its_failures_and_failing_users(
         )
         for user in ("u1", "u3")
     ]
-    assert reports.failing_users(audience_key="other", only_quarantined=False) == []
+    with pytest.raises(NotFoundError, match="no audience with key 'other'"):
+        reports.failing_users(audience_key="other", only_quarantined=False)
+    with pytest.raises(NotFoundError, match="no audience with key 'other'"):
+        reports.history(audience_key="other")

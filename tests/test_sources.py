@@ -3,10 +3,18 @@
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 
-from tests.fixtures.databases import ShopSource
 from worker.errors import SourceError
-from worker.sources import SourceRow, check_query, clean_row, stream_source
+from worker.sources import (
+    PADDED_ID,
+    SourceRow,
+    check_query,
+    clean_row,
+    dispose_source_engines,
+    stream_source,
+)
+from worker.testing.databases import ShopSource, postgres_database
 
 
 @pytest.mark.parametrize(
@@ -17,7 +25,10 @@ from worker.sources import SourceRow, check_query, clean_row, stream_source
         (None, "anon", None, SourceRow("anon", True, None)),
         ("", "anon", None, SourceRow("anon", True, None)),
         ("u1", "anon", None, SourceRow("u1", False, None)),
-        ("  u1  ", None, "  ", SourceRow("u1", False, None)),
+        ("  u1  ", None, "  ", SourceRow("  u1  ", False, None)),  # the id as it is
+        ("Alice", None, None, SourceRow("Alice", False, None)),  # no case folding
+        ("\talice\n", None, None, SourceRow("\talice\n", False, None)),
+        ("   ", "anon", None, SourceRow("anon", True, None)),  # only whitespace: no id
         ("u1", None, "x" * 256, SourceRow("u1", False, None)),
         (None, None, "a@x.io", "null_id"),
         ("   ", None, None, "null_id"),
@@ -29,6 +40,39 @@ def test_clean_row(
     user_id: object, anonymous_id: object, email: object, expected: SourceRow | str
 ) -> None:
     assert clean_row(user_id, anonymous_id, email) == expected
+
+
+@pytest.mark.parametrize(
+    ("member_id", "is_padded"),
+    [(" alice ", True), ("alice ", True), ("\talice", True), ("alice", False), ("a b", False)],
+)
+def test_padded_ids(member_id: str, is_padded: bool) -> None:
+    assert SourceRow(member_id, False, None).is_padded is is_padded
+
+
+def test_padded_ids_are_kept_and_counted(shop: ShopSource) -> None:
+    shop.add([(" alice ", None, 1, 0, 0), ("alice", None, 1, 0, 0), ("ALICE", None, 1, 0, 0)])
+    [chunk] = stream_source(
+        shop.url,
+        "select user_id, email from people",
+        timeout_seconds=10,
+        fetch_size=10,
+        source_name="shop",
+    )
+    rows = [item for item in chunk if isinstance(item, SourceRow)]
+    assert sorted(row.member_id for row in rows) == [" alice ", "ALICE", "alice"]
+    assert [item for item in chunk if isinstance(item, str)] == [PADDED_ID]
+    assert chunk[chunk.index(SourceRow(" alice ", False, None)) + 1] == PADDED_ID
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("scheme", ["postgres", "postgresql"])
+def test_postgres_urls_without_a_driver_are_postgresql(scheme: str) -> None:
+    with postgres_database(migrated=False) as url:
+        plain = make_url(url).set(drivername=scheme).render_as_string(hide_password=False)
+        columns = check_query(plain, "select 1 as user_id", timeout_seconds=10, source_name="s")
+        assert columns == ["user_id"]
+        dispose_source_engines()
 
 
 def test_stream_in_chunks(shop: ShopSource) -> None:

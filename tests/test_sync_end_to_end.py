@@ -7,8 +7,10 @@ import pytest
 from sqlalchemy import func, select
 
 from models import Snapshot, SyncedMember
-from tests.fixtures.databases import ShopSource
-from tests.fixtures.factories import (
+from worker.runtime import Runtime
+from worker.service import SyncRequest
+from worker.testing.databases import ShopSource
+from worker.testing.factories import (
     apply_file,
     audience,
     destination_state,
@@ -16,8 +18,6 @@ from tests.fixtures.factories import (
     sync_all,
     write_config,
 )
-from worker.runtime import Runtime
-from worker.service import SyncRequest
 
 USERS = 10_000
 KEYS = {"a": "order_completed_last_30days", "b": "high_value_customers", "c": "vip_eu_users"}

@@ -3,16 +3,20 @@
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
+from sqlalchemy.exc import SQLAlchemyError
 
 from worker import db, render
 from worker.config import load_config
@@ -23,7 +27,15 @@ from worker.runtime import Runtime, build_runtime
 from worker.service import NoProgress, Progress, SyncRequest
 from worker.settings import get_settings
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+# No pretty tracebacks: a user sees one line; `--debug` prints the plain traceback.
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help=f"{__doc__}\n\n"
+    "Exit status: 0 done; 1 a run failed, was blocked or partly rejected, or an unexpected "
+    "error; 2 a usage or environment error, told in one line (nothing was changed).",
+    pretty_exceptions_enable=False,
+)
 db_app = typer.Typer(no_args_is_help=True, help="State database schema.")
 audiences_app = typer.Typer(no_args_is_help=True, help="Audiences in the state database.")
 runs_app = typer.Typer(no_args_is_help=True, help="Sync runs.")
@@ -33,8 +45,33 @@ app.add_typer(audiences_app, name="audiences")
 app.add_typer(runs_app, name="runs")
 app.add_typer(destinations_app, name="destinations")
 
-console = Console()
-err_console = Console(stderr=True)
+# Wider than any line: piped output is never cut or wrapped, whatever COLUMNS says.
+PIPED_WIDTH = 100_000
+# `sync --enqueue` gives up on an unreachable broker after about this long.
+BROKER_TIMEOUT_SECONDS = 2
+USAGE_ERROR = 2
+UNEXPECTED_ERROR = 1
+
+
+def make_console(*, stderr: bool = False) -> Console:
+    """A console for stdout or stderr: on a terminal, its width and colours; otherwise
+    (a pipe, a file, a cron log) full width and no colours, so that nothing is cut."""
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty():
+        return Console(stderr=stderr)
+    return Console(stderr=stderr, width=PIPED_WIDTH, no_color=True, color_system=None)
+
+
+@dataclass
+class _Output:
+    """Set up once per command by the app's callback (the streams may be swapped by then)."""
+
+    console: Console = field(default_factory=make_console)
+    err_console: Console = field(default_factory=lambda: make_console(stderr=True))
+    is_debug: bool = False
+
+
+out = _Output()
 BAD_STATUSES = {run_repo.FAILED, run_repo.BLOCKED, run_repo.PARTIAL}
 
 
@@ -47,7 +84,7 @@ class _BarProgress:
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
-            console=err_console,
+            console=out.err_console,
             transient=True,
         )
         self._task: Any = None
@@ -64,32 +101,71 @@ class _BarProgress:
 
 
 def _progress_factory() -> Progress:
-    return _BarProgress() if err_console.is_terminal else NoProgress()
+    return _BarProgress() if out.err_console.is_terminal else NoProgress()
 
 
-def _fail(message: str, code: int = 2) -> NoReturn:
+def _fail(message: str, code: int = USAGE_ERROR) -> NoReturn:
     # soft_wrap: one line whatever the terminal's width, so it can be grepped and logged.
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    out.err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _one_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def _settings_message(exc: ValidationError) -> str:
+    problems = [
+        f"AUDIENCE_SYNC_{'_'.join(str(part) for part in error['loc']).upper()}: {error['msg']}"
+        for error in exc.errors()
+    ]
+    return "invalid setting " + "; ".join(problems)
+
+
+@app.callback()
+def _main(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Print the traceback of an error too.")
+    ] = False,
+) -> None:
+    out.console = make_console()
+    out.err_console = make_console(stderr=True)
+    out.is_debug = debug
 
 
 @contextmanager
 def _errors() -> Iterator[None]:
-    """One clear line and exit status 2 for anything the user can fix."""
+    """One clear line and exit status 2 for anything the user can fix (`--debug` adds the
+    traceback)."""
     try:
         yield
-    except AudienceSyncError as exc:
-        _fail(str(exc))
+    except (AudienceSyncError, ValidationError, OSError) as exc:
+        # OSError: a file or directory the user named cannot be read or written.
+        if out.is_debug:
+            traceback.print_exc()
+        _fail(_settings_message(exc) if isinstance(exc, ValidationError) else str(exc))
 
 
 @contextmanager
 def _runtime() -> Iterator[Runtime]:
     """This command's runtime, closed on the way out; what the user can fix is told in one
-    line."""
+    line. A state database without the schema is refused before anything is opened."""
     with _errors():
-        runtime = build_runtime(get_settings(), progress=_progress_factory)
+        settings = get_settings()
+        db.check_schema(settings.database_url)
+        runtime = build_runtime(settings, progress=_progress_factory)
         try:
             yield runtime
+        except SQLAlchemyError as exc:
+            # The state database went away or refused mid-command (sources and destinations
+            # raise the project's own errors).
+            if out.is_debug:
+                traceback.print_exc()
+            _fail(
+                f"state database at {db.safe_url(settings.database_url)}: "
+                f"{_one_line(str(getattr(exc, 'orig', None) or exc))}"
+            )
         finally:
             runtime.close()
 
@@ -100,16 +176,21 @@ def _reports() -> Iterator[ReportService]:
         yield ReportService(session_factory=runtime.sessions)
 
 
-def _print_json(record: object, *, indent: int | None = None) -> None:
+def _print_json(document: object) -> None:
     # Plain stdout, not rich: JSON must come out byte for byte, unwrapped and uncoloured.
-    sys.stdout.write(json.dumps(record, indent=indent) + "\n")
+    sys.stdout.write(json.dumps(render.json_value(document), indent=2) + "\n")
+
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
 
 
 @db_app.command("upgrade")
 def db_upgrade() -> None:
-    """Create or migrate the state database schema."""
-    db.upgrade(get_settings().database_url)
-    console.print("state database is up to date")
+    """Create or migrate the state database schema, and say which revision it is at."""
+    with _errors():
+        url = get_settings().database_url
+        outcome = db.upgrade(url)
+    out.console.print(f"state database at {db.safe_url(url)}: {outcome.describe()}")
 
 
 @app.command()
@@ -123,15 +204,18 @@ def apply(
     with _runtime() as runtime:
         report = runtime.service.apply(load_config(file), check_queries=check_queries)
     for line in render.apply_lines(report):
-        console.print(line)
+        out.console.print(line)
 
 
 @audiences_app.command("list")
-def audiences_list() -> None:
+def audiences_list(as_json: JsonOption = False) -> None:
     """List audiences with their keys, sources, schedules and destinations."""
     with _reports() as reports:
         audiences = reports.audiences()
-    console.print(render.audiences_table(audiences))
+    if as_json:
+        _print_json(audiences)
+    else:
+        out.console.print(render.audiences_table(audiences))
 
 
 @app.command()
@@ -175,49 +259,72 @@ def sync(
             _enqueue(pair_ids, request)
             return
         summaries = [runtime.service.sync_pair(pair_id, request) for pair_id in pair_ids]
-    console.print(render.summaries_table(summaries))
+    out.console.print(render.summaries_table(summaries))
     if any(s.status in BAD_STATUSES for s in summaries):
         raise typer.Exit(1)
 
 
 def _enqueue(pair_ids: list[int], request: SyncRequest) -> None:
     # Imported here: only --enqueue needs Celery and its broker settings.
+    from kombu import Connection
+    from kombu.exceptions import OperationalError
+    from kombu.utils.url import maybe_sanitize_url
+
+    from worker.celery import app as celery_app
     from worker.tasks import enqueue_sync
 
-    for pair_id in pair_ids:
-        console.print(f"queued task {enqueue_sync(pair_id, request)} (pair {pair_id})")
+    url = str(celery_app.conf.broker_url)
+    # Celery would retry an unreachable broker for a long while: try once, briefly, first.
+    probe = Connection(
+        url,
+        connect_timeout=BROKER_TIMEOUT_SECONDS,
+        transport_options={
+            "socket_connect_timeout": BROKER_TIMEOUT_SECONDS,
+            "socket_timeout": BROKER_TIMEOUT_SECONDS,
+        },
+    )
+    try:
+        probe.ensure_connection(max_retries=1, interval_start=0, timeout=BROKER_TIMEOUT_SECONDS)
+        for pair_id in pair_ids:
+            out.console.print(f"queued task {enqueue_sync(pair_id, request)} (pair {pair_id})")
+    except (OperationalError, OSError) as exc:
+        if out.is_debug:
+            traceback.print_exc()
+        _fail(
+            f"cannot reach the broker at {maybe_sanitize_url(url)} ({_one_line(str(exc))}): "
+            "is Redis running? check AUDIENCE_SYNC_REDIS_URL"
+        )
+    finally:
+        probe.release()
 
 
 @app.command()
 def history(
     audience: Annotated[str | None, typer.Option(help="Only this audience key.")] = None,
     limit: Annotated[int, typer.Option(help="How many runs, newest first.")] = 20,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
-    """Show the sync history."""
+    """Show the sync history, newest first, with each run's duration."""
     with _reports() as reports:
         records = reports.history(audience_key=audience, limit=limit)
     if as_json:
-        for record in records:
-            _print_json(render.run_json(record))
+        _print_json([render.run_json(record) for record in records])
     else:
-        console.print(render.history_table(records))
+        out.console.print(render.history_table(records))
 
 
 @runs_app.command("show")
 def runs_show(
     run_id: Annotated[int, typer.Argument(help="The run id (see `history`).")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Show one run with its skipped rows and per-user failures."""
     with _reports() as reports:
         detail = reports.run(run_id)
-    if detail is None:
-        _fail(f"no run {run_id}")
     if as_json:
-        _print_json(render.run_detail_json(detail), indent=2)
+        _print_json(render.run_detail_json(detail))
     else:
-        console.print(*render.run_detail(detail), sep="\n")
+        out.console.print(*render.run_detail(detail), sep="\n")
 
 
 @app.command()
@@ -226,11 +333,15 @@ def failures(
     all_failing: Annotated[
         bool, typer.Option("--all", help="Also users not (yet) quarantined.")
     ] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """List quarantined users (rejected too many times in a row)."""
     with _reports() as reports:
         users = reports.failing_users(audience_key=audience, only_quarantined=not all_failing)
-    console.print(render.failing_users_table(users))
+    if as_json:
+        _print_json(users)
+    else:
+        out.console.print(render.failing_users_table(users))
 
 
 @app.command()
@@ -244,18 +355,21 @@ def archive(
     with _runtime() as runtime:
         summaries = runtime.service.archive(key, exit_members=exit_members)
     if summaries:
-        console.print(render.summaries_table(summaries))
+        out.console.print(render.summaries_table(summaries))
     if any(s.status != run_repo.SUCCEEDED for s in summaries):
         _fail(f"audience {key!r} stays active: not every destination took the exits", 1)
-    console.print(f"archived {key}")
+    out.console.print(f"archived {key}")
 
 
 @app.command()
-def status() -> None:
+def status(as_json: JsonOption = False) -> None:
     """Per audience and destination: last run, its status, next due time, running or not."""
     with _runtime() as runtime:
         rows = runtime.service.status()
-    console.print(render.status_table(rows))
+    if as_json:
+        _print_json(rows)
+    else:
+        out.console.print(render.status_table(rows))
 
 
 @destinations_app.command("check")
@@ -266,7 +380,7 @@ def destinations_check(
     with _runtime() as runtime:
         results = runtime.service.check_destinations(name)
     for destination, is_ok, message in results:
-        console.print(render.check_line(destination, is_ok, message), highlight=False)
+        out.console.print(render.check_line(destination, is_ok, message), highlight=False)
     if not all(is_ok for _, is_ok, _ in results):
         raise typer.Exit(1)
 
@@ -281,12 +395,24 @@ def demo(
     from worker.demo import run_demo
 
     with _errors():
-        run_demo(directory, console)
+        run_demo(directory, out.console)
 
 
 def main() -> None:
+    """The entry point: what no command turned into a line of its own (a bug, most likely)
+    is still one line, with the traceback behind `--debug`."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
-    app()
+    try:
+        app()
+    except Exception as exc:
+        if out.is_debug:
+            raise
+        message = _one_line(str(exc)) or type(exc).__name__
+        sys.stderr.write(
+            f"error: unexpected {type(exc).__name__}: {message} (`audience-sync --debug ...` "
+            "prints the traceback)\n"
+        )
+        sys.exit(UNEXPECTED_ERROR)
 
 
 if __name__ == "__main__":  # `python -m worker.cli`, as the crash tests run it

@@ -90,16 +90,21 @@ class Config:
 
 
 def check_destination(
-    name: str, template: Mapping[str, Any], env: Mapping[str, str], root: yaml.Node | None
+    name: str,
+    template: Mapping[str, Any],
+    env: Mapping[str, str],
+    root: yaml.Node | None,
+    path: Path | None = None,
 ) -> None:
-    """Resolve and validate one destination's settings as a run will; errors name the line
-    of the file's YAML `root`."""
+    """Resolve and validate one destination's settings as a run will; errors name the file
+    `path` and the line of its YAML `root`."""
     try:
         resolve_settings(name, template, env)
     except DestinationSettingsError as exc:
         number = _line_of(root, ("destinations", name, *exc.loc)) if root is not None else None
         line = f" (line {number})" if number else ""
-        raise ConfigError(f"{exc.where}{line}: {exc.reason}") from None
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{exc.where}{line}: {exc.reason}") from None
 
 
 def resolve_source_url(name: str, template: str, env: Mapping[str, str]) -> str:
@@ -168,10 +173,12 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
         line = _line_of(root, error["loc"])
         at = f" (line {line})" if line else ""
         raise ConfigError(f"{path}{at}: {describe_error(exc)[1]}") from None
-    return _build(model, env, root)
+    return _build(model, env, root, path)
 
 
-def _build(model: ConfigModel, env: Mapping[str, str], root: yaml.Node | None) -> Config:
+def _build(
+    model: ConfigModel, env: Mapping[str, str], root: yaml.Node | None, path: Path
+) -> Config:
     sources = []
     for name, source in model.sources.items():
         resolved = resolve_source_url(name, source.url, env)
@@ -183,7 +190,7 @@ def _build(model: ConfigModel, env: Mapping[str, str], root: yaml.Node | None) -
         sources.append(SourceSpec(name, source.url, source.statement_timeout))
     destinations = []
     for name, template in model.destinations.items():
-        check_destination(name, template, env, root)
+        check_destination(name, template, env, root, path)
         destinations.append(DestinationSpec(name, str(template["type"]), dict(template)))
     audiences: list[AudienceSpec] = []
     seen_keys: dict[str, str] = {}

@@ -20,7 +20,12 @@ def audience_key(name: str) -> str:
     ascii_name = inflection.transliterate(name)
     key = _NON_WORD.sub("_", inflection.underscore(ascii_name).lower()).strip("_")
     if not key:
-        raise ConfigError(f"audience name {name!r} has no letters or digits to make a key from")
+        # Transliteration knows Latin accents only: 日本のユーザー leaves nothing to keep.
+        raise ConfigError(
+            f"audience name {name!r} has no letters or digits to make a key from (a key is "
+            "Latin letters, digits and underscores): pin one with `key:` on the audience, "
+            "e.g. `key: japan_users`"
+        )
     return key
 
 

@@ -3,7 +3,7 @@ from the service's plain values to rich renderables and JSON records, shared by 
 the demo. Nothing here reads a database or prints."""
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -27,8 +27,8 @@ STATUS_COLOURS = {
 RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunRecord) if f.name != "skipped_rows")
 # fmt: off
 HISTORY_COLUMNS = (
-    "run", "audience", "destination", "mode", "trigger", "status", "started", "members",
-    "entered", "exited", "sent", "failed", "error",
+    "run", "audience", "destination", "mode", "trigger", "status", "started", "duration",
+    "members", "entered", "exited", "sent", "failed", "error",
 )
 FAILING_USER_COLUMNS = (
     "audience", "destination", "user", "value", "rejections", "quarantined", "status",
@@ -73,9 +73,42 @@ def _time(value: datetime | None) -> str:
     return value.isoformat()[:19] if value is not None else ""
 
 
+def duration(seconds: float | None) -> str:
+    """A run's duration for a table: `0.4s`, `12.0s`, `3m05s`, `2h07m`; empty if unfinished."""
+    if seconds is None:
+        return ""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
+def _table(*headers: str, **options: Any) -> Table:
+    # Fold, never cut: an id, a key or an error message is worth more than a straight column.
+    table = Table(**options)
+    for header in headers:
+        table.add_column(header, overflow="fold")
+    return table
+
+
+def json_value(value: Any) -> Any:
+    """A plain value (dataclasses, mappings, sequences, datetimes) as JSON-ready data."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: json_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Mapping):
+        return {str(k): json_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_value(item) for item in value]
+    return value
+
+
 def summaries_table(summaries: Sequence[RunSummary]) -> Table:
     """The runs a command just made, one row each."""
-    table = Table(*_SUMMARY_COLUMNS)
+    table = _table(*_SUMMARY_COLUMNS)
     for summary in summaries:
         table.add_row(*(cell(summary) for cell in _SUMMARY_COLUMNS.values()))
     return table
@@ -98,7 +131,7 @@ def demo_table(summaries: Sequence[RunSummary]) -> Table:
 
 
 def history_table(records: Sequence[RunRecord]) -> Table:
-    table = Table(*HISTORY_COLUMNS)
+    table = _table(*HISTORY_COLUMNS)
     for r in records:
         table.add_row(
             str(r.id),
@@ -108,6 +141,7 @@ def history_table(records: Sequence[RunRecord]) -> Table:
             r.trigger,
             status_word(r.status),
             _time(r.started_at),
+            duration(r.duration_seconds),
             *(str(n) for n in (r.members, r.entered, r.exited, r.sent, r.failed)),
             escape(r.error or ""),
         )
@@ -115,14 +149,9 @@ def history_table(records: Sequence[RunRecord]) -> Table:
 
 
 def run_json(record: RunRecord) -> dict[str, Any]:
-    """One run as a JSON object (`history --json` prints one a line)."""
-    fields = {field.name: getattr(record, field.name) for field in dataclasses.fields(record)}
-    return {
-        **fields,
-        "started_at": record.started_at.isoformat(),
-        "finished_at": record.finished_at.isoformat() if record.finished_at else None,
-        "skipped_rows": dict(record.skipped_rows),
-    }
+    """One run as a JSON object (`history --json` prints an array of them)."""
+    record_json: dict[str, Any] = json_value(record)
+    return record_json
 
 
 def run_detail_json(detail: RunDetail) -> dict[str, Any]:
@@ -145,7 +174,7 @@ def run_detail(detail: RunDetail) -> list[RenderableType]:
     skipped = ", ".join(f"{reason}={count}" for reason, count in detail.run.skipped_rows.items())
     lines.append(Text.assemble(("skipped_rows:", "bold"), f" {skipped or 'none'}"))
     if detail.failures:
-        table = Table("user", "value", "status", "message", title="per-user failures")
+        table = _table("user", "value", "status", "message", title="per-user failures")
         for f in detail.failures:
             table.add_row(f.user, str(f.value).lower(), str(f.status or ""), escape(f.message))
         lines.append(table)
@@ -153,7 +182,7 @@ def run_detail(detail: RunDetail) -> list[RenderableType]:
 
 
 def audiences_table(audiences: Sequence[AudienceListing]) -> Table:
-    table = Table("key", "name", "source", "schedule", "destinations", "archived")
+    table = _table("key", "name", "source", "schedule", "destinations", "archived")
     for a in audiences:
         table.add_row(
             a.key, a.name, a.source, a.schedule, ", ".join(a.destinations), _yes(a.is_archived)
@@ -164,7 +193,7 @@ def audiences_table(audiences: Sequence[AudienceListing]) -> Table:
 def failing_users_table(users: Sequence[FailingUser]) -> RenderableType:
     if not users:
         return "no quarantined users"
-    table = Table(*FAILING_USER_COLUMNS)
+    table = _table(*FAILING_USER_COLUMNS)
     for u in users:
         table.add_row(
             u.audience,
@@ -181,7 +210,7 @@ def failing_users_table(users: Sequence[FailingUser]) -> RenderableType:
 
 
 def status_table(rows: Sequence[PairStatus]) -> Table:
-    table = Table(*STATUS_COLUMNS)
+    table = _table(*STATUS_COLUMNS)
     for row in rows:
         table.add_row(
             row.audience_key,

@@ -9,6 +9,7 @@ from types import MappingProxyType
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.sync import SyncRun
+from worker.errors import NotFoundError
 from worker.repositories import audiences as audience_repo
 from worker.repositories import runs as run_repo
 
@@ -44,6 +45,7 @@ class RunRecord:
     failed: int
     skipped_rows: Mapping[str, int]  # reason -> count
     error: str | None
+    duration_seconds: float | None  # None while the run has not finished
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +81,7 @@ class FailingUser:
 
 class ReportService:
     """Read-only questions about audiences, runs and failures; one session per question,
-    never a write."""
+    never a write. An audience key or run id that does not exist raises NotFoundError."""
 
     def __init__(self, *, session_factory: sessionmaker[Session]) -> None:
         self._sessions = session_factory
@@ -105,15 +107,16 @@ class ReportService:
     def history(self, *, audience_key: str | None = None, limit: int = 20) -> list[RunRecord]:
         """The latest `limit` runs, newest first (of one audience, if given)."""
         with self._sessions() as session:
+            _check_audience(session, audience_key)
             rows = run_repo.history(session, audience_key=audience_key, limit=limit)
             return [_record(run, key, name) for run, key, name in rows]
 
-    def run(self, run_id: int) -> RunDetail | None:
-        """One run with its per-user failures; None if there is no such run."""
+    def run(self, run_id: int) -> RunDetail:
+        """One run with its per-user failures."""
         with self._sessions() as session:
             run = run_repo.get_run(session, run_id)
             if run is None:
-                return None
+                raise NotFoundError(f"no run {run_id}; `audience-sync history` shows them")
             key, name = audience_repo.names_of_pair(session, run.audience_id, run.destination_id)
             failures = tuple(
                 RunFailure(user=f.member_id, value=f.value, status=f.status, message=f.message)
@@ -127,6 +130,7 @@ class ReportService:
         """Users whose latest delivery was rejected (only the quarantined ones by default),
         by audience, destination and user."""
         with self._sessions() as session:
+            _check_audience(session, audience_key)
             rows = run_repo.failing_members(
                 session, audience_key=audience_key, only_quarantined=only_quarantined
             )
@@ -144,6 +148,13 @@ class ReportService:
                 )
                 for member, key, name in rows
             ]
+
+
+def _check_audience(session: Session, audience_key: str | None) -> None:
+    if audience_key is not None and audience_repo.audience_by_key(session, audience_key) is None:
+        raise NotFoundError(
+            f"no audience with key {audience_key!r}; `audience-sync audiences list` shows them"
+        )
 
 
 def _record(run: SyncRun, audience_key: str, destination_name: str) -> RunRecord:
@@ -164,4 +175,9 @@ def _record(run: SyncRun, audience_key: str, destination_name: str) -> RunRecord
         # Read-only: a frozen record should not hand out a dict its reader could change.
         skipped_rows=MappingProxyType(dict(run.skipped_rows or {})),
         error=run.error,
+        duration_seconds=(
+            (run.finished_at - run.started_at).total_seconds()
+            if run.finished_at is not None
+            else None
+        ),
     )

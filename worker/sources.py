@@ -5,14 +5,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, text
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy import URL, Connection, Engine, create_engine, make_url, text
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
+from worker.db import with_postgres_driver
 from worker.errors import SourceError
 
 MAX_ID_LENGTH = 255
 MAX_EMAIL_LENGTH = 255
 ID_COLUMNS = ("user_id", "anonymous_id")
+
+
+# Counted in a run's skipped_rows although the row is kept: an id with whitespace around it
+# is most likely a data problem the user wants to hear about, but it is still an id.
+PADDED_ID = "padded_id"
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,19 +27,27 @@ class SourceRow:
     is_anonymous: bool
     email: str | None
 
+    @property
+    def is_padded(self) -> bool:
+        """Whether the id has whitespace around it (kept as it is: ' alice ' is not 'alice')."""
+        return self.member_id != self.member_id.strip()
+
 
 def clean_row(user_id: Any, anonymous_id: Any, email: Any) -> SourceRow | str:
     """A source row as a member, or the reason it is skipped (`null_id`, `id_too_long`,
     `invalid_id`).
 
-    `user_id` wins over `anonymous_id` when both are present. An email that cannot be
-    valid (empty, over 255 characters, a NUL character) is dropped, not the member.
+    The id is the exact text the source returned: never stripped nor case-folded, so
+    ' alice ' and 'alice' are two users. Only a NULL or empty id (nothing but whitespace
+    counts as empty) is no id. `user_id` wins over `anonymous_id` when both are present. An
+    email that cannot be valid (empty, over 255 characters, a NUL character) is dropped, not
+    the member.
     """
     for value, is_anonymous in ((user_id, False), (anonymous_id, True)):
         if value is None:
             continue
-        member_id = str(value).strip()
-        if not member_id:
+        member_id = str(value)
+        if not member_id.strip():
             continue
         if len(member_id) > MAX_ID_LENGTH:
             return "id_too_long"
@@ -53,8 +67,16 @@ def source_engine(url: str) -> Engine:
     """One engine per source URL per process."""
     engine = _engines.get(url)
     if engine is None:
-        engine = _engines[url] = create_engine(url, pool_pre_ping=True)
+        engine = _engines[url] = create_engine(_driver_url(url), pool_pre_ping=True)
     return engine
+
+
+def _driver_url(url: str) -> str | URL:
+    """`postgres://` sources are PostgreSQL through psycopg, as for the state database."""
+    try:
+        return with_postgres_driver(make_url(url))
+    except ArgumentError:
+        return url  # create_engine says what is wrong with it
 
 
 def dispose_source_engines() -> None:
@@ -94,6 +116,9 @@ def stream_source(
 ) -> Iterator[list[SourceRow | str]]:
     """Run the audience query and yield cleaned rows in chunks (never the whole result).
 
+    A text item of a chunk is a reason to count in the run's skipped_rows: a row skipped
+    for that reason, or `padded_id` right after a row that is kept.
+
     Raises SourceError for anything the source does wrong: the caller keeps nothing.
     """
     engine = source_engine(url)
@@ -107,7 +132,7 @@ def stream_source(
                 columns = [str(c).lower() for c in list(result.keys())]
                 positions = _column_positions(columns, source_name)
                 for partition in result.partitions(fetch_size):
-                    yield [_clean(row, positions) for row in partition]
+                    yield _clean_chunk(partition, positions)
             finally:
                 _end_read_only(connection)
     except SourceError:
@@ -150,6 +175,16 @@ def _column_positions(columns: list[str], source_name: str) -> tuple[int | None,
         columns.index(name) if name in columns else None
         for name in ("user_id", "anonymous_id", "email")
     )
+
+
+def _clean_chunk(partition: Any, positions: tuple[int | None, ...]) -> list[SourceRow | str]:
+    cleaned: list[SourceRow | str] = []
+    for row in partition:
+        item = _clean(row, positions)
+        cleaned.append(item)
+        if isinstance(item, SourceRow) and item.is_padded:
+            cleaned.append(PADDED_ID)
+    return cleaned
 
 
 def _clean(row: Any, positions: tuple[int | None, ...]) -> SourceRow | str:

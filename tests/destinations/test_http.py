@@ -15,13 +15,6 @@ import redis
 from pydantic import SecretStr
 
 from tests.destinations.common import AUDIENCE
-from tests.fixtures.databases import REDIS_URL, redis_client
-from tests.fixtures.fake_destinations import (
-    DEFAULT_ORTTO_KEY,
-    FakeDestinations,
-    max_requests_in_window,
-    sample_calls,
-)
 from worker.destinations.http import (
     MAX_MESSAGE_CHARS,
     DestinationHttpClient,
@@ -36,6 +29,13 @@ from worker.destinations.ortto_api import OrttoApiDestination, OrttoApiSettings
 from worker.destinations.segment import SegmentDestination, SegmentSettings
 from worker.errors import ConfigError, DestinationAuthError, TransientDestinationError
 from worker.ratelimit import LocalRateLimiter, RedisRateLimiter, parse_rate_limit
+from worker.testing.databases import REDIS_URL, redis_client
+from worker.testing.fake_destinations import (
+    DEFAULT_ORTTO_KEY,
+    FakeDestinations,
+    max_requests_in_window,
+    sample_calls,
+)
 
 FAST = HttpOptions(
     connect_timeout=1.0, read_timeout=1.0, max_attempts=3, backoff_base=0.01, backoff_max=0.05
@@ -464,3 +464,68 @@ def test_redis_limiter_holds_across_two_processes(fake: FakeDestinations) -> Non
     arrivals = fake.arrivals("ortto")
     assert len(arrivals) == 46 and all(a.status == 200 for a in arrivals)
     assert max_requests_in_window(a.at for a in arrivals) <= 20
+
+
+# -- the bad-request guard -------------------------------------------------------------------
+
+
+class RecordingGuard:
+    """Admits every request and records how each ended."""
+
+    def __init__(self) -> None:
+        self.admitted = 0
+        self.outcomes: list[bool] = []
+
+    def admit(self) -> str:
+        self.admitted += 1
+        return f"t{self.admitted}"
+
+    def settle(self, ticket: str, *, is_bad: bool) -> None:
+        assert ticket == f"t{len(self.outcomes) + 1}"
+        self.outcomes.append(is_bad)
+
+
+def test_every_attempt_passes_the_guard_and_reports_its_outcome() -> None:
+    answers = iter([503, 400, 200, 429, 200, 401])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        status = next(answers)
+        headers = {"Retry-After": "0"} if status == 429 else {}
+        return httpx.Response(status, json={"error": {"message": "no"}}, headers=headers)
+
+    guard = RecordingGuard()
+    client = DestinationHttpClient(
+        destination="guarded",
+        base_url="http://guarded.test/v1",
+        auth=SecretHeaderAuth(header="X-Api-Key", secret=SecretStr("k"), scheme="plain"),
+        options=FAST,
+        limiter=NoLimit(),
+        transport=httpx.MockTransport(handler),
+        guard=guard,
+    )
+    assert client.send("POST", "/a").status == 400  # a 503 retried, then refused
+    assert client.send("POST", "/b").status == 200
+    assert client.send("POST", "/c").status == 200  # a 429 retried
+    with pytest.raises(DestinationAuthError):
+        client.send("POST", "/d")
+    # Refusals count, bad credentials too; 5xx and 429 are not refusals.
+    assert guard.outcomes == [False, True, False, False, False, True]
+
+
+def test_a_failed_connection_is_not_a_refusal() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    guard = RecordingGuard()
+    client = DestinationHttpClient(
+        destination="guarded",
+        base_url="http://guarded.test/v1",
+        auth=SecretHeaderAuth(header="X-Api-Key", secret=SecretStr("k"), scheme="plain"),
+        options=FAST,
+        limiter=NoLimit(),
+        transport=httpx.MockTransport(handler),
+        guard=guard,
+    )
+    with pytest.raises(TransientDestinationError):
+        client.send("POST", "/a")
+    assert guard.outcomes == [False] * FAST.max_attempts

@@ -8,12 +8,6 @@ import pytest
 from pydantic import SecretStr
 
 from tests.destinations.common import AUDIENCE, FAST
-from tests.fixtures.fake_destinations import (
-    FakeDestinations,
-    RecordingTransport,
-    sample_calls,
-    spawn_fake_destinations,
-)
 from worker.destinations.base import Rejection
 from worker.destinations.http import HttpOptions
 from worker.destinations.ortto import (
@@ -27,6 +21,12 @@ from worker.destinations.ortto import (
 from worker.destinations.registry import build_client, resolve_settings
 from worker.errors import DestinationAuthError, DestinationError, TransientDestinationError
 from worker.ratelimit import RateLimit
+from worker.testing.fake_destinations import (
+    FakeDestinations,
+    RecordingTransport,
+    sample_calls,
+    spawn_fake_destinations,
+)
 
 
 def ortto(
@@ -63,12 +63,12 @@ def truth(calls: list[dict[str, Any]], key: str) -> dict[str, bool]:
                 "traits": {"vip": True, "email": "a@example.com"},
                 "context": {"personas": {"computation_key": "vip"}},
                 "messageId": "m1",
-                "timestamp": "2026-11-28T12:00:00Z",
+                "timestamp": "2026-11-28T12:00:00.000Z",
             },
             {
                 "user_id": "u1",
                 "traits": {"vip": True, "email": "a@example.com"},
-                "timestamp": "2026-11-28T12:00:00Z",
+                "timestamp": "2026-11-28T12:00:00.000Z",
                 "message_id": "m1",
             },
         ),
@@ -171,13 +171,13 @@ def test_exact_contact_shape(fake: FakeDestinations) -> None:
     assert known == {
         "user_id": "u1",
         "traits": {AUDIENCE.key: False, "email": "user1@example.com"},
-        "timestamp": "2026-11-28T12:00:00Z",
+        "timestamp": "2026-11-28T12:00:00.000Z",
         "message_id": calls[1]["messageId"],
     }
     assert anonymous == {
         "anonymous_id": "a9",
         "traits": {AUDIENCE.key: False},
-        "timestamp": "2026-11-28T12:00:00Z",
+        "timestamp": "2026-11-28T12:00:00.000Z",
         "message_id": calls[9]["messageId"],
     }
 

@@ -1,6 +1,8 @@
 """Tests of the `ortto-api` destination (Ortto's REST API) against the local fake server."""
 
 import json
+import logging
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -9,15 +11,9 @@ import pytest
 from pydantic import SecretStr
 
 from tests.destinations.common import AUDIENCE
-from tests.fixtures.fake_destinations import (
-    DEFAULT_ORTTO_API_KEY,
-    FakeDestinations,
-    RecordingTransport,
-    sample_calls,
-    spawn_fake_destinations,
-)
 from worker.destinations.base import Rejection
-from worker.destinations.http import HttpOptions
+from worker.destinations.http import HttpOptions, HttpResult
+from worker.destinations.http_client import HttpDestinationClient
 from worker.destinations.ortto_api import (
     MAX_PEOPLE_PER_REQUEST,
     OrttoApiDestination,
@@ -25,10 +21,20 @@ from worker.destinations.ortto_api import (
     field_id_from,
     merge_rejections,
     person_fields,
+    refused_merge_rejections,
 )
 from worker.destinations.registry import build_client, resolve_settings
 from worker.errors import ConfigError, DestinationAuthError, DestinationError
 from worker.payloads import AudienceRef
+from worker.ratelimit import LocalBadRequestGuard
+from worker.testing.fake_destinations import (
+    DEFAULT_ORTTO_API_KEY,
+    FakeDestinations,
+    RecordingTransport,
+    max_requests_in_window,
+    sample_calls,
+    spawn_fake_destinations,
+)
 
 FAST = HttpOptions(
     connect_timeout=1.0, read_timeout=2.0, max_attempts=5, backoff_base=0.01, backoff_max=0.05
@@ -51,7 +57,11 @@ def ortto_api(
         merge_by=merge_by or ["str::ei"],
         rate_limit="1000/s",
     )
-    return OrttoApiDestination("api-test", settings=settings, http=FAST, transport=transport)
+    # A guard of its own, so refusals in one test do not hold back the next.
+    guard = LocalBadRequestGuard("api-test")
+    return OrttoApiDestination(
+        "api-test", settings=settings, http=FAST, transport=transport, guard=guard
+    )
 
 
 def mock(handler: Callable[[httpx.Request], httpx.Response]) -> OrttoApiDestination:
@@ -164,6 +174,16 @@ def test_merge_rejections(body: Any, sent: list[int], expected: list[Rejection])
             ("bol:cm:vip", "vip"),
         ),
         ({"id": "bol:cm:vip", "name": "vip", "display_type": "bool"}, ("bol:cm:vip", "vip")),
+        # The create answer, recorded from the live API.
+        (
+            {
+                "name": "Test Field 1762383076",
+                "field_id": "str:cm:test-field-1762383076",
+                "display_type": "text",
+            },
+            ("str:cm:test-field-1762383076", "Test Field 1762383076"),
+        ),
+        ({"name": "vip", "field_id": "", "id": "bol:cm:vip"}, ("bol:cm:vip", "vip")),
         ({"field": {"name": "vip"}}, None),
         ({"id": "", "name": "vip"}, None),
         ("bol:cm:vip", None),
@@ -197,9 +217,18 @@ def test_prepare_finds_an_existing_field(fake: FakeDestinations) -> None:
     assert [a.path for a in fake.arrivals()] == ["/v1/person/custom-field/get"]
 
 
-def test_prepare_reads_a_top_level_created_field(fake: FakeDestinations) -> None:
-    fake.field_create_nested = False
+def test_prepare_reads_the_recorded_create_answer(fake: FakeDestinations) -> None:
+    transport = RecordingTransport()
+    assert ortto_api(fake, transport=transport).prepare(AUDIENCE) == FIELD_ID
+    create = transport.requests[-1]
+    assert json.loads(create.content) == {"name": AUDIENCE.key, "type": "bool"}
+
+
+@pytest.mark.parametrize("shape", ["nested", "flat"])
+def test_prepare_reads_older_create_answers(fake: FakeDestinations, shape: Any) -> None:
+    fake.field_create_shape = shape
     assert ortto_api(fake).prepare(AUDIENCE) == FIELD_ID
+    assert len(fake.arrivals()) == 2  # read from the answer, not from a second listing
 
 
 def test_prepare_refuses_a_field_of_another_type(fake: FakeDestinations) -> None:
@@ -339,6 +368,133 @@ def test_429_and_5xx_are_survived_with_nothing_lost(fake: FakeDestinations, styl
     assert fake.state("ortto-api") == {AUDIENCE.key: known_truth(calls)}
 
 
+SUPPRESSED_ANSWER = {
+    "code": 400,
+    "error": "No valid contacts provided (2 invalid or suppressed)",
+    "details": [
+        {"status": "suppressed", "error": "contact is suppressed"},
+        {"status": "invalid", "error": "invalid email address"},
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    ("body", "sent", "expected"),
+    [
+        # The recorded shape: one detail per person, each person its own reason.
+        (
+            SUPPRESSED_ANSWER,
+            [4, 9],
+            [
+                Rejection(4, 400, "suppressed: contact is suppressed"),
+                Rejection(9, 400, "invalid: invalid email address"),
+            ],
+        ),
+        # Detail that does not list every person: the request's reason for all.
+        (
+            {**SUPPRESSED_ANSWER, "details": SUPPRESSED_ANSWER["details"][:1]},
+            [4, 9],
+            [Rejection(i, 400, SUPPRESSED_ANSWER["error"]) for i in (4, 9)],
+        ),
+        (
+            {"error": {"message": "bad merge_by"}},
+            [0, 1],
+            [Rejection(0, 400, "bad merge_by"), Rejection(1, 400, "bad merge_by")],
+        ),
+        (
+            {"code": 400, "error": "nope", "details": [{"status": "suppressed"}, "x"]},
+            [0, 1],
+            [Rejection(0, 400, "nope"), Rejection(1, 400, "nope")],
+        ),
+    ],
+)
+def test_refused_merge_rejections(body: Any, sent: list[int], expected: list[Rejection]) -> None:
+    message = body["error"] if isinstance(body["error"], str) else body["error"]["message"]
+    result = HttpResult(status=400, body=body, message=message)
+    assert refused_merge_rejections(result, sent) == expected
+
+
+def test_a_request_of_only_suppressed_people_fails_each_person(fake: FakeDestinations) -> None:
+    calls = sample_calls(AUDIENCE, 150, anonymous_every=0)
+    fake.suppress(f"u{i}" for i in range(100))
+    fake.reject_items(["u100"], message="invalid email address")
+    fake.suppress(f"u{i}" for i in range(101, 140))
+    rejections = ortto_api(fake).deliver(prepared_at(fake), calls)
+    # The first request (u0-u99) is refused whole and answers for each person; the second
+    # (u100-u149) holds ten valid people, so Ortto answers per person in a 200.
+    assert [a.status for a in fake.arrivals("ortto-api")[-2:]] == [400, 200]
+    assert rejections[:100] == [
+        Rejection(i, 400, "suppressed: contact is suppressed") for i in range(100)
+    ]
+    assert rejections[100] == Rejection(100, None, "rejected by Ortto: invalid email address")
+    assert [r.index for r in rejections[101:]] == list(range(101, 140))
+    assert fake.state("ortto-api")[AUDIENCE.key] == {f"u{i}": i % 2 == 0 for i in range(140, 150)}
+
+
+def test_the_guard_holds_under_1000_suppressed_users(
+    fake: FakeDestinations, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every merge of a run of suppressed people is refused whole: the client never sends
+    more than the guard's limit of them within its window (10 per 15 s in production; a
+    half-second window here, to keep the test short), and each person fails on its own."""
+    window = 0.5
+    audience = prepared_at(fake)
+    calls = sample_calls(AUDIENCE, 1_000, anonymous_every=0)
+    fake.suppress(c["userId"] for c in calls)
+    settings = OrttoApiSettings(
+        api_key=SecretStr(fake.ortto_api_key), endpoint=fake.url, rate_limit="1000/s"
+    )
+    guard = LocalBadRequestGuard("api-test", limit=10, window=window)
+    destination = OrttoApiDestination("api-test", settings=settings, http=FAST, guard=guard)
+    rejections: list[Rejection] = []
+    with caplog.at_level(logging.WARNING, logger="worker.ratelimit"):
+        # Pages of 25, as a run hands over its changes page by page: 40 refused requests.
+        for start in range(0, 1_000, 25):
+            page = destination.deliver(audience, calls[start : start + 25])
+            rejections += [Rejection(r.index + start, r.status, r.message) for r in page]
+    refused = [a for a in fake.arrivals("ortto-api") if a.path == "/v1/person/merge"]
+    assert [a.status for a in refused] == [400] * 40
+    assert max_requests_in_window([a.at for a in refused], window) <= 10
+    assert refused[-1].at - refused[0].at >= 3 * window  # 40 refusals, 10 per window
+    assert rejections == [
+        Rejection(i, 400, "suppressed: contact is suppressed") for i in range(1_000)
+    ]
+    assert fake.items("ortto-api") == []
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "holding further requests back" in warnings[0].getMessage()
+
+
+def test_the_client_shares_its_accounts_guard(fake: FakeDestinations) -> None:
+    """Two clients of one account (two destinations with the same key) share one guard; a
+    client of another account has its own."""
+    settings = OrttoApiSettings(api_key=SecretStr(f"key-{uuid.uuid4().hex}"), endpoint=fake.url)
+    first = build_client("one", settings, http=FAST, limiter=None)
+    second = build_client("two", settings, http=FAST, limiter=None)
+    assert isinstance(first, OrttoApiDestination) and isinstance(second, OrttoApiDestination)
+    other = OrttoApiSettings(api_key=SecretStr(f"key-{uuid.uuid4().hex}"), endpoint=fake.url)
+    third = build_client("three", other, http=FAST, limiter=None)
+    assert isinstance(third, OrttoApiDestination)
+    assert first.bad_request_guard is not None
+    assert first.bad_request_guard is second.bad_request_guard
+    assert third.bad_request_guard is not first.bad_request_guard
+    for client in (first, second, third):
+        client.close()
+
+
+def test_only_the_rest_api_is_guarded() -> None:
+    """Ortto's Segment endpoint answers per item within a 200 and Segment names no such ban; only
+    the REST API turns a run of suppressed people into refused requests."""
+    env = {"KEY": "pau-fake-ortto-segment-key-0123456789"}
+    for template in (
+        {"type": "ortto", "api_key": "${KEY}"},
+        {"type": "segment", "write_key": "${KEY}"},
+    ):
+        client = build_client("x", resolve_settings("x", template, env), http=FAST, limiter=None)
+        assert isinstance(client, HttpDestinationClient)
+        assert client.bad_request_guard is None
+        client.close()
+
+
 def test_a_refused_request_rejects_its_people(fake: FakeDestinations) -> None:
     audience = prepared_at(fake)
     fake.add_fault("client_error", 1, status=400, message="bad merge_by")
@@ -382,7 +538,7 @@ def test_registry_builds_it(fake: FakeDestinations) -> None:
 @pytest.mark.slow
 def test_against_a_server_in_another_process() -> None:
     with spawn_fake_destinations() as server:
-        server.configure(per_person_detail=False, field_create_nested=False)
+        server.configure(per_person_detail=False, field_create_shape="flat")
         server.add_fault("suppress", ids=["u1"])
         settings = OrttoApiSettings(api_key=SecretStr(DEFAULT_ORTTO_API_KEY), endpoint=server.url)
         destination = OrttoApiDestination("remote", settings=settings, http=FAST)
@@ -400,3 +556,37 @@ def prepared_at(fake: FakeDestinations) -> AudienceRef:
     """The audience with its field already created at the fake (as after `prepare`)."""
     field_id = fake.add_custom_field(AUDIENCE.key)
     return AudienceRef(id=AUDIENCE.id, key=AUDIENCE.key, name=AUDIENCE.name, field_id=field_id)
+
+
+def test_the_fake_answers_in_the_recorded_shapes(fake: FakeDestinations) -> None:
+    """The fake's answers have the shapes recorded from the live API (destination facts), so
+    a client reading another shape fails here rather than in production."""
+    headers = {"X-Api-Key": fake.ortto_api_key}
+    with httpx.Client(base_url=fake.url, headers=headers) as client:
+        created = client.post(
+            "/v1/person/custom-field/create", json={"name": "Test Field 1762383076", "type": "text"}
+        )
+        assert created.status_code == 200
+        assert created.json() == {
+            "name": "Test Field 1762383076",
+            "field_id": "str:cm:test-field-1762383076",
+            "display_type": "text",
+        }
+        fake.suppress(["u1"])
+        merge = {
+            "people": [
+                {"fields": {"str::ei": "u1"}},
+                {"fields": {"str::email": "no-merge-field@example.com"}},
+            ],
+            "merge_by": ["str::ei"],
+            "merge_strategy": 2,
+            "find_strategy": 0,
+            "async": True,
+        }
+        refused = client.post("/v1/person/merge", json=merge)
+        assert refused.status_code == 400
+        body = refused.json()
+        assert set(body) == {"code", "error", "details"} and body["code"] == 400
+        assert body["error"].startswith("No valid contacts provided (")
+        assert [d["status"] for d in body["details"]] == ["suppressed", "invalid"]
+        assert all(set(d) == {"status", "error"} for d in body["details"])

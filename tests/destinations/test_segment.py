@@ -8,14 +8,12 @@ import pytest
 from pydantic import SecretStr
 
 from tests.destinations.common import AUDIENCE, FAST
-from tests.fixtures.fake_destinations import (
-    SEGMENT_MAX_BYTES,
-    FakeDestinations,
-    RecordingTransport,
-    sample_calls,
-)
 from worker.destinations.base import Rejection
-from worker.destinations.registry import build_client, resolve_settings
+from worker.destinations.registry import (
+    DestinationSettingsError,
+    build_client,
+    resolve_settings,
+)
 from worker.destinations.segment import (
     MAX_CALLS_PER_REQUEST,
     MAX_REQUEST_BYTES,
@@ -23,6 +21,12 @@ from worker.destinations.segment import (
     SegmentSettings,
 )
 from worker.errors import DestinationAuthError
+from worker.testing.fake_destinations import (
+    SEGMENT_MAX_BYTES,
+    FakeDestinations,
+    RecordingTransport,
+    sample_calls,
+)
 
 
 def segment(
@@ -144,3 +148,34 @@ def test_registry_builds_it(fake: FakeDestinations) -> None:
     assert isinstance(destination, SegmentDestination)
     assert destination.deliver(AUDIENCE, tiny_calls(3)) == []
     destination.close()
+
+
+@pytest.mark.parametrize(
+    ("settings", "base_url"),
+    [
+        ({}, "https://api.segment.io"),
+        ({"region": "us"}, "https://api.segment.io"),
+        ({"region": "eu"}, "https://events.eu1.segmentapis.com"),
+        # A configured endpoint overrides the region, whichever it is.
+        ({"region": "eu", "endpoint": "https://collector.example/v1"}, "https://collector.example"),
+        ({"endpoint": "https://collector.example/"}, "https://collector.example"),
+    ],
+)
+def test_region_chooses_the_host(settings: dict[str, str], base_url: str) -> None:
+    template = {"type": "segment", "write_key": "${KEY}", **settings}
+    resolved = resolve_settings("regional", template, {"KEY": "write-key-0123456789"})
+    destination = build_client("regional", resolved, http=FAST, limiter=None)
+    try:
+        assert isinstance(destination, SegmentDestination)
+        assert destination.base_url == base_url
+    finally:
+        destination.close()
+
+
+@pytest.mark.parametrize("region", ["EU", "eu1", "de", ""])
+def test_an_unknown_region_is_refused_naming_the_setting(region: str) -> None:
+    template = {"type": "segment", "write_key": "${KEY}", "region": region}
+    with pytest.raises(DestinationSettingsError) as caught:
+        resolve_settings("regional", template, {"KEY": "write-key-0123456789"})
+    assert caught.value.loc == ("region",)
+    assert str(caught.value) == "destinations.regional: region: Input should be 'us' or 'eu'"

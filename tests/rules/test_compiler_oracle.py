@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine
 
 from tests.rules.evaluator import Dataset, evaluate
-from tests.rules.warehouse import DIALECTS, load, warehouse
+from tests.rules.warehouse import DIALECTS, SERVER_MARKS, load, warehouse
 from worker.rules.compiler import compile_audience
 from worker.rules.grammar import (
     All,
@@ -176,9 +176,7 @@ rules = rule_trees(st.one_of(performed, traits, st.just(InAudience("other"))))
 
 @pytest.fixture(
     scope="module",
-    params=[
-        pytest.param(d, marks=[pytest.mark.postgres] if d == "postgresql" else []) for d in DIALECTS
-    ],
+    params=[pytest.param(d, marks=SERVER_MARKS.get(d, [])) for d in DIALECTS],
 )
 def source(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from datetime import UTC
 from pathlib import Path
 
+import pytest
 from sqlalchemy import (
     Column,
     DateTime,
@@ -31,6 +32,8 @@ MARIADB_URL = os.environ.get(
     "AUDIENCE_SYNC_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306"
 )
 DIALECTS = ("sqlite", "duckdb", "mariadb", "postgresql")
+# The dialects whose tests need a server: `make test-sqlite` deselects them by these marks.
+SERVER_MARKS = {"mariadb": [pytest.mark.mariadb], "postgresql": [pytest.mark.postgres]}
 
 # Timestamps: timezone-aware on PostgreSQL (as Segment writes them there), naive UTC elsewhere.
 _TIMESTAMP = DateTime().with_variant(postgresql.TIMESTAMP(timezone=True), "postgresql")

@@ -6,6 +6,8 @@ Every request waits for the destination's RateLimiter, then is retried on transi
 the destination reads from the answer's body, through its `body_wait`) and pauses the limiter
 so every process sharing it waits too. 401/403 raise DestinationAuthError at once; any other
 refusal comes back as an `HttpResult` whose items the caller rejects, so the run goes on.
+With a `BadRequestGuard` (destinations that ban senders of refused requests), each request is
+admitted by the guard first and tells it whether it ended in a refusal.
 
 The API key stays a SecretStr until `SecretHeaderAuth` writes it into the outgoing header; it is
 scrubbed from every message built from a server answer.
@@ -32,7 +34,7 @@ from worker.errors import (
     DestinationError,
     TransientDestinationError,
 )
-from worker.ratelimit import RateLimiter
+from worker.ratelimit import BadRequestGuard, RateLimiter, is_bad_request
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +190,7 @@ class DestinationHttpClient:
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
         body_wait: BodyWait = no_body_wait,
+        guard: BadRequestGuard | None = None,
     ) -> None:
         self.destination = destination
         self.base_url = _checked_base_url(destination, base_url)
@@ -196,6 +199,7 @@ class DestinationHttpClient:
         self._limiter = limiter
         self._sleep = sleep
         self._body_wait = body_wait
+        self._guard = guard
         self._client = httpx.Client(
             base_url=self.base_url,
             auth=auth,
@@ -238,6 +242,10 @@ class DestinationHttpClient:
                 f"{attempts} attempt{'s' if attempts != 1 else ''}: {failure}"
             ) from failure
 
+    @property
+    def guard(self) -> BadRequestGuard | None:
+        return self._guard
+
     def close(self) -> None:
         self._client.close()
 
@@ -245,13 +253,26 @@ class DestinationHttpClient:
         return f"<DestinationHttpClient {self.destination!r} {self.base_url}>"
 
     def _attempt(self, method: str, path: str, content: bytes | None) -> HttpResult:
+        if self._guard is None:
+            return self._answer(method, path, self._request(method, path, content))
+        ticket = self._guard.admit()
+        is_bad = False
+        try:
+            response = self._request(method, path, content)
+            is_bad = is_bad_request(response.status_code)
+        finally:
+            self._guard.settle(ticket, is_bad=is_bad)
+        return self._answer(method, path, response)
+
+    def _request(self, method: str, path: str, content: bytes | None) -> httpx.Response:
         self._limiter.acquire()
         headers = {"Content-Type": "application/json"} if content is not None else None
         try:
-            response = self._client.request(method, path, content=content, headers=headers)
+            return self._client.request(method, path, content=content, headers=headers)
         except httpx.TransportError as exc:  # timeouts, refused or dropped connections
             raise _RetryableFailure(self._auth.scrub(f"{type(exc).__name__} ({exc})")) from exc
 
+    def _answer(self, method: str, path: str, response: httpx.Response) -> HttpResult:
         status = response.status_code
         if status in (401, 403):
             raise DestinationAuthError(self.destination)

@@ -14,10 +14,15 @@ import httpx
 
 from worker.batching import encoded_batches
 from worker.destinations.base import DestinationClient, Rejection
-from worker.destinations.http import DestinationHttpClient, HttpOptions, SecretHeaderAuth
+from worker.destinations.http import (
+    DestinationHttpClient,
+    HttpOptions,
+    HttpResult,
+    SecretHeaderAuth,
+)
 from worker.destinations.settings import HttpDestinationSettings
 from worker.payloads import AudienceRef
-from worker.ratelimit import LocalRateLimiter, RateLimiter
+from worker.ratelimit import BadRequestGuard, LocalRateLimiter, RateLimiter, bad_request_guard
 
 SettingsT = TypeVar("SettingsT", bound=HttpDestinationSettings)
 
@@ -55,11 +60,17 @@ class HttpDestinationClient(DestinationClient, Generic[SettingsT]):
         http: HttpOptions,
         limiter: RateLimiter | None = None,
         transport: httpx.BaseTransport | None = None,
+        guard: BadRequestGuard | None = None,
     ) -> None:
         """`limiter` is the pacing shared across processes; with None the client paces
-        itself within this process by the settings' `rate_limit`."""
+        itself within this process by the settings' `rate_limit`. A destination that names
+        its account (`account_for`) is guarded against bad-request bans: by `guard`, else by
+        the account's guard kept with the limiter."""
         super().__init__(name)
         self.settings = settings
+        account = self.account_for(settings)
+        if guard is None and account is not None:
+            guard = bad_request_guard(limiter, account)
         self._http = DestinationHttpClient(
             destination=name,
             base_url=self.base_url_for(settings),
@@ -68,11 +79,16 @@ class HttpDestinationClient(DestinationClient, Generic[SettingsT]):
             limiter=limiter if limiter is not None else LocalRateLimiter(settings.rate_limit),
             transport=transport,
             body_wait=self.body_wait,
+            guard=guard,
         )
 
     @property
     def base_url(self) -> str:
         return self._http.base_url
+
+    @property
+    def bad_request_guard(self) -> BadRequestGuard | None:
+        return self._http.guard
 
     @abstractmethod
     def base_url_for(self, settings: SettingsT) -> str:
@@ -81,6 +97,11 @@ class HttpDestinationClient(DestinationClient, Generic[SettingsT]):
     @abstractmethod
     def auth_for(self, settings: SettingsT) -> SecretHeaderAuth:
         """How the credentials go into each request."""
+
+    def account_for(self, settings: SettingsT) -> str | None:
+        """The account the settings reach, for destinations that ban a sender of too many
+        refused requests (see `worker.ratelimit.bad_request_guard`); None: no such ban."""
+        return None
 
     @abstractmethod
     def batch_request(self, audience: AudienceRef) -> BatchRequest:
@@ -95,6 +116,12 @@ class HttpDestinationClient(DestinationClient, Generic[SettingsT]):
         """The calls an accepted request's answer still rejects (`sent[i]` is the call index
         of the request's item `i`). By default a 2xx accepts every call of the request."""
         return []
+
+    @staticmethod
+    def refusal_rejections(result: HttpResult, sent: Sequence[int]) -> list[Rejection]:
+        """The calls of a refused request (a 4xx other than 401/403/429): by default every
+        one, with the request's status and reason."""
+        return result.reject(sent)
 
     @staticmethod
     def body_wait(body: Any) -> float | None:
@@ -120,7 +147,7 @@ class HttpDestinationClient(DestinationClient, Generic[SettingsT]):
             if result.is_success:
                 rejections.extend(self.answer_rejections(result.body, batch.indexes))
             else:
-                rejections.extend(result.reject(batch.indexes))
+                rejections.extend(self.refusal_rejections(result, batch.indexes))
         return sorted(rejections, key=lambda rejection: rejection.index)
 
     def close(self) -> None:

@@ -14,6 +14,15 @@ configured `merge_by` fields, overwriting (`merge_strategy` 2), asynchronously.
   `suppressed` is rejected too: Ortto ignored the merge, so the value did not land, and the
   rejection keeps the user visible (and quarantined after repeated refusals) instead of
   silently counted as delivered. Without per-person detail, the whole request was accepted.
+- When every person of a request is invalid or suppressed, Ortto refuses the whole request
+  (400) and lists each person in `details`: each becomes that person's rejection, with
+  Ortto's status and message.
+- Ortto bans the sending address after 15 refused requests in 15 s, and a run of suppressed
+  people is a run of refused requests: the client's requests pass the account's
+  bad-request guard (`worker.ratelimit`), shared by every worker through the rate-limit
+  store.
+- Ortto answers custom-field/create with `{"name", "field_id", "display_type"}`; the id is
+  also read from `id`, at the top level or under `field` (the list's shape).
 """
 
 from collections.abc import Sequence
@@ -35,7 +44,7 @@ from worker.destinations.ortto import try_in_seconds
 from worker.destinations.settings import HttpDestinationSettings, RateLimitSetting
 from worker.errors import ConfigError, DestinationError
 from worker.payloads import AudienceRef
-from worker.ratelimit import RateLimit
+from worker.ratelimit import RateLimit, account_id
 
 MAX_PEOPLE_PER_REQUEST = 100
 # Ortto refuses payloads over 2 MB; stay well under it.
@@ -140,6 +149,24 @@ def merge_rejections(body: Any, sent: Sequence[int]) -> list[Rejection]:
     return rejections
 
 
+def refused_merge_rejections(result: HttpResult, sent: Sequence[int]) -> list[Rejection]:
+    """Rejections from a merge Ortto refused as a whole; `sent[i]` is the call index of person
+    `i`. When every person was invalid or suppressed, Ortto answers 400 with one `details`
+    entry per person, `{"status", "error"}`: each person is rejected with its own reason.
+    Otherwise every person gets the request's reason."""
+    details = result.body.get("details") if isinstance(result.body, dict) else None
+    if not isinstance(details, list) or len(details) != len(sent):
+        return result.reject(sent)
+    rejections = []
+    for index, detail in zip(sent, details, strict=True):
+        if not isinstance(detail, dict):
+            return result.reject(sent)
+        status, error = detail.get("status"), detail.get("error")
+        reason = f"{status}: {error}" if status and error else str(status or error or "")
+        rejections.append(Rejection(index, result.status, (reason or result.message)[:500]))
+    return rejections
+
+
 def _person_problem(person: Any) -> str | None:
     if not isinstance(person, dict):
         return f"unreadable answer from Ortto: {person!r}"[:500]
@@ -155,13 +182,15 @@ def _person_problem(person: Any) -> str | None:
 
 
 def field_id_from(entry: Any) -> tuple[str, str] | None:
-    """(id, name) of a custom field description, whether nested under `field` or not."""
+    """(id, name) of a custom field description: the create answer's
+    `{"name", "field_id", "display_type"}`, or `{"id", "name", ...}` at the top level or
+    nested under `field` (the list's entries)."""
     if not isinstance(entry, dict):
         return None
     inner = entry.get("field")
     if isinstance(inner, dict):
         entry = inner
-    field_id, name = entry.get("id"), entry.get("name")
+    field_id, name = entry.get("field_id") or entry.get("id"), entry.get("name")
     if isinstance(field_id, str) and field_id and isinstance(name, str):
         return field_id, name
     return None
@@ -173,6 +202,7 @@ class OrttoApiDestination(HttpDestinationClient[OrttoApiSettings]):
     max_request_bytes = MAX_REQUEST_BYTES
     too_large = "person too large for one request"
     answer_rejections = staticmethod(merge_rejections)
+    refusal_rejections = staticmethod(refused_merge_rejections)
     body_wait = staticmethod(try_in_seconds)
 
     @property
@@ -189,6 +219,9 @@ class OrttoApiDestination(HttpDestinationClient[OrttoApiSettings]):
 
     def auth_for(self, settings: OrttoApiSettings) -> SecretHeaderAuth:
         return SecretHeaderAuth(header="X-Api-Key", secret=settings.api_key, scheme="plain")
+
+    def account_for(self, settings: OrttoApiSettings) -> str:
+        return account_id(settings.api_key.get_secret_value())
 
     def prepare(self, audience: AudienceRef) -> str:
         """The id of the audience's boolean custom field, found by name or created."""

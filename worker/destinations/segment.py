@@ -8,9 +8,13 @@ Segment answers for the whole batch only, so a 2xx accepts every call of it.
 `check()` sends nothing: the Tracking API has no endpoint that checks a write key without
 recording events, and an empty batch proves nothing on collectors that accept any key. The
 first delivery tells (a 401 stops the run).
+
+The host follows the workspace's `region`: an EU workspace writing to the US host gets no
+error and its events never appear, so the region is a setting rather than a detail of the
+endpoint. `endpoint` (another collector, a proxy) overrides it.
 """
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import SecretStr
 
@@ -28,12 +32,24 @@ MAX_CALL_BYTES = 32_000
 _BATCH = BatchRequest("/v1/batch", b'{"batch":[', b"]}")
 
 
+SEGMENT_HOSTS = {
+    "us": "https://api.segment.io",
+    "eu": "https://events.eu1.segmentapis.com",
+}
+
+
 class SegmentSettings(HttpDestinationSettings):
     """Segment's HTTP Tracking API, or any collector that speaks it."""
 
     write_key: SecretStr
-    endpoint: str = "https://api.segment.io"
+    region: Literal["us", "eu"] = "us"
+    endpoint: str | None = None
     rate_limit: RateLimitSetting = RateLimit(500)
+
+    @property
+    def base_url(self) -> str:
+        """`endpoint` when set, else the host of the workspace's region."""
+        return self.endpoint or SEGMENT_HOSTS[self.region]
 
 
 class SegmentDestination(HttpDestinationClient[SegmentSettings]):
@@ -44,7 +60,7 @@ class SegmentDestination(HttpDestinationClient[SegmentSettings]):
     too_large = "call is {size} bytes encoded, over Segment's 32 KB per call"
 
     def base_url_for(self, settings: SegmentSettings) -> str:
-        return api_root(settings.endpoint)
+        return api_root(settings.base_url)
 
     def auth_for(self, settings: SegmentSettings) -> SecretHeaderAuth:
         return SecretHeaderAuth(header="Authorization", secret=settings.write_key, scheme="basic")
