@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, inspect, text
 
 from tests.rules.evaluator import Dataset
-from tests.rules.warehouse import load, metadata, warehouse
+from tests.rules.warehouse import DIALECTS, SERVER_MARKS, load, metadata, warehouse
 from worker.errors import ConfigError, SourceError
 from worker.rules.compiler import compile_audience, render_sql
 from worker.rules.grammar import Rule, parse_rules
@@ -262,13 +262,7 @@ def test_the_tables_of_the_layouts_schema_are_read(dialect: str, tmp_path: Path)
 
 
 @pytest.mark.parametrize(
-    "dialect",
-    [
-        "sqlite",
-        "duckdb",
-        "mariadb",
-        pytest.param("postgresql", marks=pytest.mark.postgres),
-    ],
+    "dialect", [pytest.param(d, marks=SERVER_MARKS.get(d, [])) for d in DIALECTS]
 )
 @pytest.mark.parametrize(
     ("condition", "is_member"),
