@@ -31,6 +31,7 @@ from sqlalchemy import (
     bindparam,
     case,
     cast,
+    exists,
     func,
     literal,
     not_,
@@ -74,6 +75,9 @@ class _Context:
     path: tuple[str, ...]  # audiences being compiled, outermost first: a repeat is a cycle
     is_anonymous: bool  # keyed by anonymous id (the anonymous part of the universe)
     row_key: ColumnElement[Any] | None = None  # the key when it is a `users` row's own id
+    # The predicate is one of the ANDed terms of a WHERE (not below `any` or `not`), where
+    # PostgreSQL turns NOT EXISTS into an anti-join.
+    is_conjunct: bool = True
 
 
 def compile_audience(
@@ -141,18 +145,35 @@ def _predicate(rule: Rule, key: ColumnElement[Any], context: _Context) -> Column
     if isinstance(rule, All):
         return and_(*(_predicate(r, key, context) for r in rule.rules))
     if isinstance(rule, AnyOf):
-        return or_(*(_predicate(r, key, context) for r in rule.rules))
+        inside = replace(context, is_conjunct=False)
+        return or_(*(_predicate(r, key, inside) for r in rule.rules))
     if isinstance(rule, Not):
         # Below a `not`, a trait's NULL comparison must stay a definite false (see _trait).
-        return not_(_predicate(rule.rule, key, replace(context, row_key=None)))
+        inside = replace(context, row_key=None)
+        if isinstance(rule.rule, All | AnyOf | Not):
+            return not_(_predicate(rule.rule, key, replace(inside, is_conjunct=False)))
+        return _leaf(rule.rule, key, inside, negate=True)
+    return _leaf(rule, key, context, negate=False)
+
+
+def _leaf(
+    rule: Performed | Trait | InAudience,
+    key: ColumnElement[Any],
+    context: _Context,
+    *,
+    negate: bool,
+) -> ColumnElement[bool]:
+    """The condition `rule` (with `negate`: its negation) puts on `key`."""
     if isinstance(rule, Performed):
-        return _performed(rule, key, context)
+        return _performed(rule, key, context, negate)
     if isinstance(rule, Trait):
-        return _trait(rule, key, context)
-    return _in_audience(rule, key, context)
+        return _trait(rule, key, context, negate)
+    return _in_audience(rule, key, context, negate)
 
 
-def _performed(rule: Performed, key: ColumnElement[Any], context: _Context) -> ColumnElement[bool]:
+def _performed(
+    rule: Performed, key: ColumnElement[Any], context: _Context, negate: bool
+) -> ColumnElement[bool]:
     layout = context.layout
     events = layout.event_table(rule.event)
     what = f"performed {rule.event!r}"
@@ -168,18 +189,43 @@ def _performed(rule: Performed, key: ColumnElement[Any], context: _Context) -> C
     kind, times = rule.count.kind, rule.count.times
     if kind is CountKind.AT_LEAST:
         if times == 0:
-            return true()
-        return _among(key, people.having(func.count() >= times))
+            return _constant(not negate)
+        return _among(key, people.having(func.count() >= times), context, is_in=not negate)
     if kind is CountKind.AT_MOST:
-        return not_(_among(key, people.having(func.count() > times)))
+        return _among(key, people.having(func.count() > times), context, is_in=negate)
     if times == 0:
-        return not_(_among(key, people))
-    return _among(key, people.having(func.count() == times))
+        return _among(key, people, context, is_in=negate)
+    return _among(key, people.having(func.count() == times), context, is_in=not negate)
 
 
-def _among(key: ColumnElement[Any], keys: Select[Any]) -> ColumnElement[bool]:
-    """`key IN (keys)`; never correlated, as the subqueries read tables the outer query reads."""
-    return key.in_(keys.correlate(None))
+def _among(
+    key: ColumnElement[Any], keys: Select[Any], context: _Context, *, is_in: bool
+) -> ColumnElement[bool]:
+    """Whether `key` is (`is_in`) or is not one of `keys`, a one-column SELECT without NULLs.
+
+    `key IN (keys)`, or its negation as NOT EXISTS where that is a term of a WHERE's AND:
+    PostgreSQL makes it an anti-join, where NOT IN probes the whole list once per person as
+    soon as the list is too large to hash in memory (hours on a million users). Elsewhere
+    (below `any`), NOT IN: an EXISTS there is a subplan per person too, and costs more to
+    plan. Without NULLs on either side the two mean the same. `keys` itself is never
+    correlated: it reads tables the outer query reads too.
+    """
+    keys = keys.correlate(None)
+    if is_in:
+        return key.in_(keys)
+    if not context.is_conjunct:
+        return not_(key.in_(keys))
+    return not_(_exists_equal(key, keys))
+
+
+def _exists_equal(key: ColumnElement[Any], keys: Select[Any]) -> ColumnElement[bool]:
+    found = keys.subquery()
+    (member,) = found.c
+    return exists().select_from(found).where(member == key).correlate_except(found)
+
+
+def _constant(value: bool) -> ColumnElement[bool]:
+    return true() if value else not_(true())
 
 
 def _event_person(
@@ -237,7 +283,8 @@ def _unstitched(layout: Layout, anonymous_id: ColumnElement[Any]) -> ColumnEleme
     stitched = select(identifies.c["anonymous_id"]).where(
         identifies.c["anonymous_id"].is_not(null()), identifies.c["user_id"].is_not(null())
     )
-    return and_(anonymous_id.is_not(null()), not_(_among(anonymous_id, stitched)))
+    # NOT EXISTS: a term of the event rows' WHERE, so an anti-join (see _among).
+    return and_(anonymous_id.is_not(null()), not_(_exists_equal(anonymous_id, stitched)))
 
 
 def _window(timestamp: Column[Any], window: Window, now: datetime) -> list[ColumnElement[bool]]:
@@ -257,11 +304,13 @@ def _window(timestamp: Column[Any], window: Window, now: datetime) -> list[Colum
     ]
 
 
-def _trait(rule: Trait, key: ColumnElement[Any], context: _Context) -> ColumnElement[bool]:
+def _trait(
+    rule: Trait, key: ColumnElement[Any], context: _Context, negate: bool
+) -> ColumnElement[bool]:
     if context.is_anonymous:  # anonymous ids have no traits
-        return not_(true())
+        return _constant(negate)
     users = context.layout.users
-    if context.row_key is not None and key is context.row_key:
+    if not negate and context.row_key is not None and key is context.row_key:
         # The key is the id of the users row being read: test that row, no lookup needed.
         # Never below a `not` (row_key is unset there): a comparison with NULL is NULL, and
         # NOT NULL would drop the member that `not` should keep.
@@ -270,7 +319,7 @@ def _trait(rule: Trait, key: ColumnElement[Any], context: _Context) -> ColumnEle
         users.c["id"].is_not(null()),
         *(_condition(context.layout, users, c, "trait") for c in rule.conditions),
     )
-    return _among(key, holders)
+    return _among(key, holders, context, is_in=not negate)
 
 
 def _condition(
@@ -310,7 +359,7 @@ def _condition(
 
 
 def _in_audience(
-    rule: InAudience, key: ColumnElement[Any], context: _Context
+    rule: InAudience, key: ColumnElement[Any], context: _Context, negate: bool
 ) -> ColumnElement[bool]:
     if rule.audience in context.path:
         cycle = " -> ".join((*context.path[context.path.index(rule.audience) :], rule.audience))
@@ -321,15 +370,17 @@ def _in_audience(
         raise ConfigError(f"in_audience {rule.audience!r}: {exc}") from None
     if isinstance(other, str):
         if context.is_anonymous:  # a SQL audience is matched by user id only
-            return not_(true())
+            return _constant(negate)
         # On lines of its own: a `--` comment ending the query must not hide the `)`.
         sql = "\n" + other.strip().rstrip(";") + "\n"
         query = text(sql).columns(sql_column("user_id")).subquery(f"audience_{len(context.path)}")
         # Cast: a SQL audience may return numeric ids where the users table keeps text.
         user_id = cast(query.c.user_id, context.layout.users.c["id"].type)
-        return _among(key, select(user_id).where(query.c.user_id.is_not(null())))
-    inner = replace(context, path=(*context.path, rule.audience), row_key=None)
-    return _among(key, _members(other, inner))
+        members = select(user_id).where(query.c.user_id.is_not(null()))
+        return _among(key, members, context, is_in=not negate)
+    # The other audience's own WHERE: its terms are conjuncts again.
+    inner = replace(context, path=(*context.path, rule.audience), row_key=None, is_conjunct=True)
+    return _among(key, _members(other, inner), context, is_in=not negate)
 
 
 def _no_audiences(name: str) -> Rule | str:
