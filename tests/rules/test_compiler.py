@@ -318,3 +318,25 @@ def test_bad_layout_settings_are_refused(data: object, message: str) -> None:
     with pytest.raises(ConfigError) as raised:
         parse_layout_spec(data)
     assert message in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("rules", "shape"),
+    [
+        ({"not": {"performed": "Page Viewed"}}, "NOT (EXISTS (SELECT"),
+        ({"performed": "Page Viewed", "count": {"at_most": 1}}, "NOT (EXISTS (SELECT"),
+        ({"all": [{"trait": {"plan": {"eq": "pro"}}}, {"not": {"in_audience": "pro"}}]}, "EXISTS"),
+        ({"any": [{"trait": {"age": {"gt": 3}}}, {"not": {"performed": "Page Viewed"}}]}, "NOT IN"),
+    ],
+)
+def test_a_negation_among_the_wheres_terms_is_not_exists(
+    source: tuple[Engine, Layout], rules: object, shape: str
+) -> None:
+    """NOT EXISTS becomes an anti-join on PostgreSQL; NOT IN is probed row by row there once
+    the list outgrows memory. Below `any` an EXISTS would be a subplan per row all the same."""
+    _, layout = source
+    resolve = {"pro": parse_rules({"trait": {"plan": {"eq": "pro"}}})}.__getitem__
+    query = compile_audience(parse_rules(rules), layout, now=NOW, audience="x", resolve=resolve)
+    sql = render_sql(query, "postgresql")[0]
+    assert shape in sql
+    assert ("NOT IN" in sql) is (shape == "NOT IN")
