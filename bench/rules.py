@@ -9,8 +9,9 @@ rows are generated inside PostgreSQL (`generate_series`), then the indexes the l
 
 It then times, on the same data in the same run, the compiled query of "Repeat Buyers 30d"
 and a hand-written query of the same meaning: each runs in full (`select count(*)` over
-it), once to warm up, then best of three. Both must return the same members. The figures are
-printed and written to bench/rules_results.json; the target is a ratio of at most 1.5.
+it), once to warm up, then best of three, the two taking turns. Both must return the same
+members. The figures are printed and written to bench/rules_results.json; the target is a
+ratio of at most 1.5.
 
 The admin connection is AUDIENCE_SYNC_BENCH_POSTGRES_URL (default: the local server's `test`
 database); the warehouse database is created next to it.
@@ -241,16 +242,22 @@ def _timed(engine: Engine, query: Any) -> tuple[float, int]:
         return time.perf_counter() - started, rows
 
 
-def _best(engine: Engine, query: Any) -> tuple[float, list[float], int]:
-    _timed(engine, query)  # warm-up: caches and statistics, not measured
-    times, counts = [], set()
+def _best(engine: Engine, queries: dict[str, Any]) -> dict[str, tuple[float, list[float], int]]:
+    """Per query: the best of RUNS timings, all of them and the row count. The queries take
+    turns (one run of each per round), so a busy machine slows both alike."""
+    for query in queries.values():
+        _timed(engine, query)  # warm-up: caches and statistics, not measured
+    times: dict[str, list[float]] = {name: [] for name in queries}
+    counts: dict[str, set[int]] = {name: set() for name in queries}
     for _ in range(RUNS):
-        seconds, rows = _timed(engine, query)
-        times.append(seconds)
-        counts.add(rows)
-    if len(counts) != 1:
-        raise AssertionError(f"the same query returned different counts: {counts}")
-    return min(times), times, counts.pop()
+        for name, query in queries.items():
+            seconds, rows = _timed(engine, query)
+            times[name].append(seconds)
+            counts[name].add(rows)
+    for name, found in counts.items():
+        if len(found) != 1:
+            raise AssertionError(f"the {name} query returned different counts: {found}")
+    return {name: (min(times[name]), times[name], counts[name].pop()) for name in queries}
 
 
 def _members(engine: Engine, query: Any) -> set[str]:
@@ -270,8 +277,9 @@ def run(users: int, events: int, admin_url: str = ADMIN_URL) -> dict[str, Any]:
                 f"the compiled query returned {len(compiled_members)} members, the hand-written "
                 f"one {len(hand_members)}; {len(compiled_members ^ hand_members)} differ"
             )
-        compiled_best, compiled_times, compiled_rows = _best(engine, compiled)
-        hand_best, hand_times, hand_rows = _best(engine, hand_written)
+        timings = _best(engine, {"compiled": compiled, "hand-written": hand_written})
+        compiled_best, compiled_times, compiled_rows = timings["compiled"]
+        hand_best, hand_times, hand_rows = timings["hand-written"]
         with engine.connect() as connection:
             version = connection.execute(text("show server_version")).scalar_one()
     ratio = compiled_best / hand_best
