@@ -38,6 +38,9 @@ from worker.errors import (
 from worker.ratelimit import BadRequestGuard, RateLimiter, is_bad_request, smoothed_latency
 
 log = logging.getLogger(__name__)
+# httpx logs every request at INFO, which would drown a worker's log (one line per batch):
+# this module logs each request at DEBUG instead, with the destination's name.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 # A server asking for a longer pause than this fails the run (the scheduler retries it later)
 # instead of parking a worker for that long.
@@ -277,13 +280,23 @@ class DestinationHttpClient:
     def _request(self, method: str, path: str, content: bytes | None) -> httpx.Response:
         self._limiter.acquire()
         headers = {"Content-Type": "application/json"} if content is not None else None
-        sent_at = time.monotonic()
+        started = time.monotonic()
         try:
             response = self._client.request(method, path, content=content, headers=headers)
         except httpx.TransportError as exc:  # timeouts, refused or dropped connections
             raise _RetryableFailure(self._auth.scrub(f"{type(exc).__name__} ({exc})")) from exc
+        elapsed = time.monotonic() - started
         with self._latency_lock:
-            self._latency = smoothed_latency(self._latency, time.monotonic() - sent_at)
+            self._latency = smoothed_latency(self._latency, elapsed)
+        log.debug(
+            "destination %s: %s %s%s answered %d in %.3fs",
+            self.destination,
+            method,
+            self.base_url,
+            path,
+            response.status_code,
+            elapsed,
+        )
         return response
 
     def _answer(self, method: str, path: str, response: httpx.Response) -> HttpResult:
