@@ -42,6 +42,7 @@ from worker.testing.fake_destinations import spawn_fake_destinations
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.json"
+RULES_RESULTS = HERE / "rules_results.json"
 DEFAULT_POSTGRES = os.environ.get(
     "AUDIENCE_SYNC_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
@@ -121,6 +122,19 @@ def targets(results: dict[str, Any]) -> list[Target]:
         ),
         Target("429 answers at that latency and limit", delivery["responses_429"], 0, True, ""),
         Target("peak RSS, 10M vs 1M members", rss_ratio, 1.3, True, "x"),
+        *(
+            [
+                Target(
+                    "rule audience: compiled / hand-written SQL (bench/rules.py)",
+                    float(rules["ratio"]),
+                    float(rules["ratio_max"]),
+                    True,
+                    "x",
+                )
+            ]
+            if isinstance(rules := results.get("rules"), dict) and "ratio" in rules
+            else []
+        ),
         Target(
             "10M members: incremental sync at 1% churn, s",
             rows[LARGE_SIZE]["incremental_sync_seconds"] if LARGE_SIZE in rows else None,
@@ -156,12 +170,16 @@ def _table(results: dict[str, Any]) -> Table:
 
 
 def _rules_bench(console: Console) -> dict[str, Any] | None:
-    """The rule-audience benchmark (bench/rules.py), when it is there, in its own process."""
+    """The rule-audience benchmark (bench/rules.py), when it is there, in its own process;
+    its figures, as it wrote them."""
     if importlib.util.find_spec("bench.rules") is None:
         return None
-    console.print("rule audiences (bench/rules.py) ...")
+    console.print("measuring rule audiences (bench/rules.py) ...")
     completed = subprocess.run([sys.executable, "-m", "bench.rules"], check=False)
-    return {"exit_status": completed.returncode}
+    if completed.returncode != 0 or not RULES_RESULTS.exists():
+        return {"exit_status": completed.returncode}
+    rules: dict[str, Any] = json.loads(RULES_RESULTS.read_text())
+    return rules
 
 
 def main() -> None:
