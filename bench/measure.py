@@ -292,6 +292,7 @@ def measure_size(base: str, size: int, say: Any) -> dict[str, Any]:
         with _configured(base, Path(directory), destination, size) as (state, source):
             say(f"  {size:,}: initial sync")
             initial = cli_sync(state, log)
+            say(f"  {size:,}: initial sync {initial['seconds']:.1f} s")
             _remember_membership(source)
             incremental: list[float] = []
             rss = [initial["peak_rss_mb"]]
@@ -304,11 +305,13 @@ def measure_size(base: str, size: int, say: Any) -> dict[str, Any]:
                 changes += _churn(source, step)
                 if step == 1:
                     raw = _raw_baseline(source)
+                    say(f"  {size:,}: raw baseline {raw['raw_seconds']:.2f} s")
                 if step == 2:
                     diff_baseline = _raw_baseline(source)["anti_join_seconds"]
                     phases = run_child(["--child", "phases", "--state-url", state])
                     continue
                 run = cli_sync(state, log)
+                say(f"  {size:,}: {run['seconds']:.1f} s, peak RSS {run['peak_rss_mb']:.0f} MB")
                 incremental.append(run["seconds"])
                 rss.append(run["peak_rss_mb"])
             state_bytes = _state_bytes(state)
