@@ -3,8 +3,8 @@ or by `runs cancel`, ends `cancelled` at a page boundary with its lock free; a d
 lock is freed by `runs cancel --force`; a `--full` killed midway is completed by the next
 scheduled run; `status` tells live, dead and remote runs apart.
 
-Delivery is slowed by the destination's rate limit (one page of 500 contacts every quarter
-of a second), so that a signal lands while pages are still to be sent.
+Delivery is slowed by the destination's rate limit (a page of 500 contacts every quarter
+or half second), so that a signal or a cancel lands while pages are still to be sent.
 """
 
 import json
@@ -151,9 +151,9 @@ def test_a_signal_stops_the_sync_at_a_page_boundary(
 def test_runs_cancel_stops_a_live_run_within_one_page(
     tmp_path: Path, shop: ShopSource, runtime: Runtime, fake: FakeDestinations
 ) -> None:
-    members = 16 * PAGE
+    members = 40 * PAGE  # twenty seconds of delivery: time for two commands to start
     shop.add((_user(i), None, 1, 0, 0) for i in range(members))
-    _configure(tmp_path, shop, runtime, fake, rate="4/s")
+    _configure(tmp_path, shop, runtime, fake, rate="2/s")
     env = _env(runtime, fake)
     process = start_cli("sync", KEY, env=env)
     _wait_until(lambda: len(fake.arrivals("ortto")) >= 1, timeout=60, what="delivery")

@@ -16,8 +16,9 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, Task, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
+from rich.text import Text
 from sqlalchemy.exc import SQLAlchemyError
 
 from worker import db, render
@@ -86,14 +87,24 @@ out = _Output()
 BAD_STATUSES = {RunStatus.FAILED, RunStatus.BLOCKED, RunStatus.PARTIAL}
 
 
+class _RateColumn(ProgressColumn):
+    """Rows per second so far."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.0f} rows/s" if speed else "", style="progress.data.speed")
+
+
 class _BarProgress:
-    """A progress bar on a terminal, for long runs."""
+    """A progress bar on a terminal, for long runs: rows so far and their rate (a phase
+    whose total is not known beforehand, like reading the source, counts up)."""
 
     def __init__(self) -> None:
         self._bar = RichProgress(
             "[progress.description]{task.description}",
             BarColumn(),
             MofNCompleteColumn(),
+            _RateColumn(),
             TimeElapsedColumn(),
             console=out.err_console,
             transient=True,
@@ -102,7 +113,7 @@ class _BarProgress:
 
     def start(self, description: str, total: int) -> None:
         self._bar.start()
-        self._task = self._bar.add_task(description, total=total)
+        self._task = self._bar.add_task(description, total=total if total > 0 else None)
 
     def advance(self, amount: int) -> None:
         self._bar.advance(self._task, amount)

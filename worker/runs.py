@@ -145,6 +145,9 @@ class RunLifecycle:
         if opened.is_full and not request.is_full:
             # The pair owes a full sync: this run is one, whatever was asked.
             request = replace(request, is_full=True, trigger=Trigger.FULL_OWED)
+        name = f"{opened.audience.key} -> {opened.destination_name}"
+        shown = self._ctx.progress()
+        shown.start(f"{name}: reading the source into a snapshot", 0)
         try:
             with heartbeat(self._ctx, pair_id, opened.owner):
                 snapshot = take_snapshot(
@@ -154,10 +157,38 @@ class RunLifecycle:
                     url_template=opened.source_url,
                     query=opened.query,
                     timeout=opened.source_timeout,
+                    progress=shown,
                 )
         except (SourceError, ConfigError) as exc:
             return self._end(opened, RunStatus.FAILED, str(exc))
-        plan = self._plan(opened, snapshot, request, on_dry_change=on_dry_change)
+        finally:
+            shown.stop()
+        rows = snapshot.members + sum(snapshot.skipped.values())
+        logger.info(
+            "run %s (%s): read %d source rows into snapshot %s (%d members) in %.2f s (%s rows/s)",
+            opened.run_id,
+            name,
+            rows,
+            snapshot.snapshot_id,
+            snapshot.members,
+            snapshot.seconds,
+            rate(rows, snapshot.seconds),
+        )
+        shown = self._ctx.progress()
+        shown.start(f"{name}: computing the changes", 0)
+        try:
+            plan = self._plan(opened, snapshot, request, on_dry_change=on_dry_change)
+        finally:
+            shown.stop()
+        logger.info(
+            "run %s (%s): diff of %d members: %d to enter, %d to exit, in %.2f s",
+            opened.run_id,
+            name,
+            snapshot.members,
+            plan.to_enter,
+            plan.to_exit,
+            plan.seconds,
+        )
         if plan.block:
             return self._end(opened, RunStatus.BLOCKED, plan.block)
         if request.is_dry_run:
@@ -467,6 +498,11 @@ class RunLifecycle:
             error=run.error,
             duration_seconds=round(duration, 3),
         )
+
+
+def rate(count: int, seconds: float) -> str:
+    """Rows per second, for a log line (`-` when too quick to tell)."""
+    return f"{count / seconds:.0f}" if seconds > 0 else "-"
 
 
 DRY_RUN_PAGE = 5000  # changes read at a time when a dry run shows them
