@@ -79,9 +79,7 @@ class AudienceDestination(Base):
     lock_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # Set when a full run starts, cleared when one finishes: a full run that died or was
     # stopped leaves it set, and the pair's next run is full.
-    is_full_sync_owed: Mapped[bool] = mapped_column(
-        Boolean, default=False, server_default=false()
-    )
+    is_full_sync_owed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     audience: Mapped[Audience] = relationship(back_populates="links")
     destination: Mapped[Destination] = relationship()

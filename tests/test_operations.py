@@ -8,7 +8,9 @@ or half second), so that a signal or a cancel lands while pages are still to be 
 """
 
 import json
+import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -190,7 +192,10 @@ def test_runs_cancel_force_frees_a_dead_runs_lock(
     killed = run_cli("sync", KEY, env={**env, "AUDIENCE_SYNC_CRASH_AT": "page_sent@1"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     dead = _last_run(runtime)
-    assert dead.status == RunStatus.RUNNING and dead.pid is not None and dead.host
+    assert dead.status == RunStatus.RUNNING
+    shown = json.loads(run_cli("runs", "show", str(dead.id), "--json", env=env).stdout)
+    where = (shown["host"], shown["pid"], shown["task_id"])
+    assert where == (socket.gethostname(), dead.pid, None) and dead.pid != os.getpid()
 
     [row] = json.loads(run_cli("status", "--json", env=env).stdout)
     assert row["run_state"] == STALE_HERE

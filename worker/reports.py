@@ -49,6 +49,10 @@ class RunRecord:
     skipped_rows: Mapping[str, int]  # reason -> count
     error: str | None
     duration_seconds: float | None  # None while the run has not finished
+    # Where the run ran: host, process id, Celery task id (None: not in a Celery worker).
+    host: str | None = None
+    pid: int | None = None
+    task_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,4 +299,7 @@ def _record(run: SyncRun, audience_key: str, destination_name: str) -> RunRecord
             if run.finished_at is not None
             else None
         ),
+        host=run.host,
+        pid=run.pid,
+        task_id=run.task_id,
     )

@@ -27,9 +27,7 @@ def upgrade() -> None:
         )
     with op.batch_alter_table("audience_destinations") as batch:
         batch.add_column(
-            sa.Column(
-                "is_full_sync_owed", sa.Boolean(), server_default=sa.false(), nullable=False
-            )
+            sa.Column("is_full_sync_owed", sa.Boolean(), server_default=sa.false(), nullable=False)
         )
 
 
