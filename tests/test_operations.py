@@ -203,6 +203,13 @@ def test_runs_cancel_force_frees_a_dead_runs_lock(
     assert skipped.returncode == 3, skipped.stderr  # skipped: its own exit status
     assert _last_run(runtime).status == RunStatus.SKIPPED
 
+    # Without --force, a dead process cannot be asked anything: one line says what to do.
+    asked = run_cli("runs", "cancel", str(dead.id), env=env)
+    assert asked.returncode == 2
+    assert _lines(asked.stderr) == [
+        f"error: run {dead.id}'s process (pid {dead.pid}) is gone: "
+        f"`audience-sync runs cancel {dead.id} --force` closes it"
+    ]
     forced = run_cli("runs", "cancel", str(dead.id), "--force", env=env)
     assert forced.returncode == 0, forced.stderr
     assert _pair(runtime).lock_owner is None

@@ -416,11 +416,17 @@ class RunLifecycle:
                 raise NotFoundError(f"no run {run_id}; `audience-sync history` shows them")
             if run.status != RunStatus.RUNNING:
                 raise ConfigError(f"run {run_id} is not running (it is {run.status})")
-            this_host = where_this_runs()[0]
+            is_here = run.host == where_this_runs()[0] and run.pid is not None
+            is_alive = is_here and run.pid is not None and is_process_alive(run.pid)
             if not force:
+                if is_here and not is_alive:
+                    raise ConfigError(
+                        f"run {run_id}'s process (pid {run.pid}) is gone: "
+                        f"`audience-sync runs cancel {run_id} --force` closes it"
+                    )
                 run_repo.request_cancel(session, run_id, now=now)
                 return f"asked run {run_id} to stop at its next page boundary"
-            if run.host == this_host and run.pid is not None and is_process_alive(run.pid):
+            if is_alive:
                 raise ConfigError(
                     f"run {run_id} is alive (pid {run.pid} on this host): "
                     f"`audience-sync runs cancel {run_id}` stops it at its next page"
