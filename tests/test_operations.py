@@ -323,3 +323,23 @@ def test_run_state(holder: LockHolder | None, alive: bool, state: str | None) ->
     assert run_state(holder, now=NOW, ttl=TTL, this_host="here", is_alive=lambda _: alive) == (
         state
     )
+
+
+def test_a_failed_full_sync_makes_the_next_manual_run_full(
+    tmp_path: Path, shop: ShopSource, runtime: Runtime, fake: FakeDestinations
+) -> None:
+    shop.add((_user(i), None, 1, 0, 0) for i in range(10))
+    pair = _configure(tmp_path, shop, runtime, fake, rate="1000/s")
+    assert runtime.service.sync_pair(pair, SyncRequest()).status == "succeeded"
+    fake.add_fault("server_error", count=100)
+    failed = runtime.service.sync_pair(pair, SyncRequest(is_full=True))
+    assert (failed.status, failed.mode) == ("failed", "full")
+    assert _pair(runtime).is_full_sync_owed
+    fake.reset()
+
+    dry = runtime.service.sync_pair(pair, SyncRequest(is_dry_run=True))
+    assert dry.mode == "dry_run" and _pair(runtime).is_full_sync_owed  # left as it is
+    owed = runtime.service.sync_pair(pair, SyncRequest())
+    assert (owed.status, owed.mode, owed.sent) == ("succeeded", "full", 10)
+    assert _last_run(runtime).trigger == Trigger.FULL_OWED
+    assert not _pair(runtime).is_full_sync_owed
