@@ -25,7 +25,7 @@ from models import AudienceDestination, SyncRun
 from worker.context import utcnow
 from worker.destinations.ortto import OrttoDestination
 from worker.domain import RunStatus, SyncRequest, Trigger
-from worker.locking import STALE_HERE, LockHolder, run_state
+from worker.locking import STALE_HERE, LockHolder, run_state, where_this_runs
 from worker.runtime import Runtime
 from worker.service import SyncService
 from worker.testing.databases import ShopSource
@@ -343,3 +343,38 @@ def test_a_failed_full_sync_makes_the_next_manual_run_full(
     assert (owed.status, owed.mode, owed.sent) == ("succeeded", "full", 10)
     assert _last_run(runtime).trigger == Trigger.FULL_OWED
     assert not _pair(runtime).is_full_sync_owed
+
+
+@pytest.mark.slow
+def test_a_second_sigint_exits_at_once(
+    tmp_path: Path, shop: ShopSource, runtime: Runtime, fake: FakeDestinations
+) -> None:
+    shop.add((_user(i), None, 1, 0, 0) for i in range(10 * PAGE))
+    _configure(tmp_path, shop, runtime, fake, rate="2/s")
+    process = start_cli("sync", KEY, env=_env(runtime, fake))
+    _wait_until(lambda: len(fake.arrivals("ortto")) >= 2, timeout=60, what="delivery")
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    returncode, _, stderr = _finish(process)
+
+    assert returncode == 130
+    assert _lines(stderr) == ["interrupted again: exiting now; the run's lock expires by itself"]
+    # Nothing was recorded on the way out: the run looks like a crash, its lock held.
+    run = _last_run(runtime)
+    assert run.status == RunStatus.RUNNING
+    assert _pair(runtime).lock_owner == f"run:{run.id}"
+
+
+def test_a_run_in_a_celery_task_records_the_task_id() -> None:
+    from celery import Celery
+
+    app = Celery("where", set_as_current=False)
+
+    @app.task(name="where")
+    def where() -> tuple[str, int, str | None]:
+        return where_this_runs()
+
+    outcome = where.apply(task_id="task-42")
+    assert outcome.get() == (socket.gethostname(), os.getpid(), "task-42")
+    assert where_this_runs() == (socket.gethostname(), os.getpid(), None)
