@@ -353,6 +353,9 @@ def test_a_second_sigint_exits_at_once(
     _configure(tmp_path, shop, runtime, fake, rate="2/s")
     process = start_cli("sync", KEY, env=_env(runtime, fake))
     _wait_until(lambda: len(fake.arrivals("ortto")) >= 2, timeout=60, what="delivery")
+    # A page goes every half second: the process now waits to send the next one, and the
+    # first signal makes it finish that page before stopping; the second cuts it short.
+    time.sleep(0.15)
     process.send_signal(signal.SIGINT)
     time.sleep(0.05)
     process.send_signal(signal.SIGINT)

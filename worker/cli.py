@@ -394,9 +394,12 @@ def _stop_on_signals() -> Iterator[list[int]]:
     try:
         yield received
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        PROCESS_STOP.clear()
+        # Once stopping, the handler stays to the end: a second signal while the command
+        # winds down still exits at once, rather than as a traceback.
+        PROCESS_STOP.clear()  # no run starts after this
+        if not received:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 def _stopped(summaries: list[RunSummary], signum: int) -> NoReturn:

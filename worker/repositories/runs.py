@@ -132,7 +132,11 @@ def last_started(session: Session) -> dict[tuple[int, int], datetime]:
         .where(
             SyncRun.status != RunStatus.SKIPPED,
             SyncRun.mode != RunMode.DRY_RUN,
-            or_(SyncRun.status != RunStatus.BLOCKED, SyncRun.trigger == Trigger.SCHEDULE),
+            # A run made full because one was owed may have been the scheduled one.
+            or_(
+                SyncRun.status != RunStatus.BLOCKED,
+                SyncRun.trigger.in_([Trigger.SCHEDULE, Trigger.FULL_OWED]),
+            ),
         )
         .group_by(SyncRun.audience_id, SyncRun.destination_id)
     ).all()
