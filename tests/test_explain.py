@@ -1,8 +1,11 @@
 """Who and why: `explain USER_ID` and `sync --dry-run --show N`, on both backends, against
-the fake Ortto endpoint (which can reject a user); and the per-phase log lines of a run."""
+the fake Ortto endpoint (which can reject a user); a run's progress on a terminal and its
+per-phase log lines."""
 
+import io
 import json
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -134,3 +137,25 @@ def test_each_phase_of_a_run_logs_one_line_with_its_duration(
     assert "(2 members) in " in read and " rows/s)" in read
     [diff] = [m for m in messages if "diff of" in m]
     assert diff.endswith(" s") and "2 to enter, 0 to exit" in diff
+
+
+def test_progress_on_a_terminal_counts_rows_and_their_rate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from rich.console import Console
+
+    from worker import cli
+
+    screen = io.StringIO()
+    terminal = Console(file=screen, force_terminal=True, width=150, color_system=None)
+    monkeypatch.setattr(cli.out, "err_console", terminal)
+    bar = cli._progress_factory()
+    bar.start("shop -> ortto: reading the source into a snapshot", 0)  # total unknown
+    bar.advance(1000)
+    time.sleep(0.3)
+    bar.advance(1000)
+    time.sleep(0.3)  # the bar refreshes on its own
+    bar.stop()
+    shown = screen.getvalue()
+    assert "reading the source into a snapshot" in shown
+    assert "2000/?" in shown and " rows/s" in shown
