@@ -21,7 +21,7 @@ from worker.domain import (
     chunk_ranges,
 )
 from worker.errors import DestinationError
-from worker.locking import LOST_LOCK, heartbeat, still_held
+from worker.locking import LOST_LOCK, RunStopped, check_stop, heartbeat, still_held
 from worker.payloads import Change, identify_call
 from worker.ratelimit import requests_in_flight
 from worker.repositories import audiences as audience_repo
@@ -96,6 +96,8 @@ class Delivery:
         )
         try:
             self.deliver_range(prepared, after=None, upto=None, progress=shown)
+        except RunStopped as exc:
+            return self._runs.cancel_run(prepared, str(exc))
         except DestinationError as exc:
             return self._runs.fail_run(prepared, str(exc))
         finally:
@@ -116,7 +118,8 @@ class Delivery:
         state they move and the page's removal from the run's changes are committed together,
         in the order the destination answered. Pages cover disjoint member ranges, so a user
         is never in two requests at once. After a destination error no page is taken, the
-        pages in flight are answered and recorded, then the error is raised."""
+        pages in flight are answered and recorded, then the error is raised; so it is when the
+        run is asked to stop (RunStopped, checked before each page is taken)."""
         client = self._client(prepared)
         answers: queue.Queue[_AnsweredPage] = queue.Queue()
         cursor = after
@@ -195,6 +198,7 @@ class Delivery:
         with self._ctx.unit_of_work() as session:
             if not still_held(session, prepared.pair_id, prepared.lock_owner):
                 raise DestinationError(LOST_LOCK)
+            check_stop(session, prepared.run_id)  # a signal or `runs cancel`: stop here
             page = change_repo.page_of_changes(
                 session, prepared.run_id, after=after, upto=upto, limit=client.max_batch_items
             )
