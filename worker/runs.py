@@ -10,7 +10,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -132,6 +132,7 @@ class RunLifecycle:
                     url_template=opened.source_url,
                     query=opened.query,
                     timeout=opened.source_timeout,
+                    run_id=opened.run_id,
                 )
         except (SourceError, ConfigError) as exc:
             return self._end(opened, RunStatus.FAILED, str(exc))
@@ -177,6 +178,7 @@ class RunLifecycle:
             if skipped is not None:
                 return self.summarize(skipped, audience.key, destination.name, started)
             run_repo.close_interrupted_runs(session, audience.id, destination.id, now=now)
+            snapshot_repo.drop_stale_staging(session)
             if is_archive or not request.is_dry_run:
                 settle_stopped_runs(session, audience.id, destination.id, now=now)
             has_state = synced_repo.has_state(session, audience.id, destination.id)
@@ -256,6 +258,14 @@ class RunLifecycle:
                 change_repo.drop_changes(session, opened.run_id)
                 snapshot_repo.delete_snapshot(session, snapshot.snapshot_id)
                 run_repo.update_run(session, opened.run_id, snapshot_id=None)
+            else:
+                # Only the difference from the current membership is written; the staging
+                # table has served its purpose once the run's changes are planned.
+                snapshot_repo.apply_snapshot(
+                    session, audience_id, snapshot.snapshot_id, now=self._ctx.clock()
+                )
+                self._ctx.crash_point("writing_change_log")
+                snapshot_repo.drop_staging(session, snapshot.snapshot_id)
         return Plan(to_enter, to_exit, has_failing, block, seconds)
 
     def _prepare_destination(self, opened: OpenedRun) -> AudienceRef:
@@ -290,6 +300,10 @@ class RunLifecycle:
                 prepared.audience.id,
                 keep=self._ctx.settings.snapshots_kept,
                 protect={prepared.snapshot_id} | in_use,
+            )
+            retention = timedelta(days=self._ctx.settings.membership_log_retention_days)
+            snapshot_repo.prune_log(
+                session, prepared.audience.id, before=self._ctx.clock() - retention
             )
         return self.end_run(prepared.run_id, prepared.pair_id, prepared.lock_owner, status, error)
 

@@ -11,19 +11,18 @@ from worker.payloads import Change
 from worker.repositories.dialect import insert_for, is_postgresql
 
 _KEY = ["audience_id", "destination_id", "member_id"]
-_COLUMNS = [*_KEY, "is_anonymous", "is_member", "email", "updated_at", "run_id"]
+_COLUMNS = [*_KEY, "is_anonymous", "is_member", "email", "run_id"]
 
 # One statement for a whole page on PostgreSQL: arrays in, unnest, upsert.
 _UPSERT_PAGE = text(
     "INSERT INTO synced_members (audience_id, destination_id, member_id, "
-    "is_anonymous, is_member, email, updated_at, run_id) "
-    "SELECT :audience_id, :destination_id, m, a, v, e, :now, :run_id "
+    "is_anonymous, is_member, email, run_id) "
+    "SELECT :audience_id, :destination_id, m, a, v, e, :run_id "
     "FROM unnest(CAST(:ids AS text[]), CAST(:anons AS boolean[]), "
     "CAST(:values AS boolean[]), CAST(:emails AS text[])) AS t(m, a, v, e) "
     "ON CONFLICT (audience_id, destination_id, member_id) DO UPDATE SET "
     "is_member = excluded.is_member, is_anonymous = excluded.is_anonymous, "
-    "email = excluded.email, updated_at = excluded.updated_at, "
-    "run_id = excluded.run_id"
+    "email = excluded.email, run_id = excluded.run_id"
 )
 
 
@@ -45,7 +44,6 @@ def record_accepted(
             {
                 "audience_id": audience_id,
                 "destination_id": destination_id,
-                "now": now,
                 "run_id": run_id,
                 "ids": [c.member_id for c in changes],
                 "anons": [c.is_anonymous for c in changes],
@@ -59,7 +57,7 @@ def record_accepted(
         index_elements=_KEY,
         set_={
             name: getattr(statement.excluded, name)
-            for name in ("is_member", "is_anonymous", "email", "updated_at", "run_id")
+            for name in ("is_member", "is_anonymous", "email", "run_id")
         },
     )
     session.execute(
@@ -72,7 +70,6 @@ def record_accepted(
                 "is_anonymous": change.is_anonymous,
                 "is_member": change.value,
                 "email": change.email,
-                "updated_at": now,
                 "run_id": run_id,
             }
             for change in changes
@@ -97,7 +94,6 @@ def add_unrecorded_entrants(
                 RunChange.is_anonymous,
                 false(),
                 RunChange.email,
-                literal(now, SyncedMember.updated_at.type),
                 literal(None),
             ).where(
                 and_(RunChange.run_id == run_id, RunChange.is_in_flight.is_(True)),
