@@ -25,7 +25,9 @@ class Snapshot(Base):
 
 
 class AudienceMember(Base):
-    """A current member of an audience, as its latest applied snapshot returned it."""
+    """A current member of an audience, as its latest applied snapshot returned it. The email
+    is not kept here: a destination's synced state keeps the one it was sent, and the
+    staging table has the source's current one."""
 
     __tablename__ = "audience_members"
 
@@ -35,7 +37,6 @@ class AudienceMember(Base):
     # userId, or anonymousId when is_anonymous.
     member_id: Mapped[str] = mapped_column(String(255), primary_key=True)
     is_anonymous: Mapped[bool] = mapped_column(Boolean, default=False)
-    email: Mapped[str | None] = mapped_column(String(255))
     # The snapshot the member entered in (the start of its current membership period).
     entered_snapshot_id: Mapped[int] = mapped_column(BigId)
 

@@ -33,6 +33,7 @@ from worker.payloads import AudienceRef
 from worker.repositories import audiences as audience_repo
 from worker.repositories import changes as change_repo
 from worker.repositories import failures as failure_repo
+from worker.repositories import maintenance as maintenance_repo
 from worker.repositories import runs as run_repo
 from worker.repositories import snapshots as snapshot_repo
 from worker.repositories import synced as synced_repo
@@ -305,6 +306,8 @@ class RunLifecycle:
             snapshot_repo.prune_log(
                 session, prepared.audience.id, before=self._ctx.clock() - retention
             )
+            changes = prepared.to_enter + prepared.to_exit
+        maintenance_repo.reclaim_space(self._ctx.sessions, changes=changes)
         return self.end_run(prepared.run_id, prepared.pair_id, prepared.lock_owner, status, error)
 
     def fail_run(self, prepared: PreparedRun, error: str) -> RunSummary:

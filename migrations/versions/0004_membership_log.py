@@ -29,7 +29,6 @@ def _create_membership_tables() -> None:
         sa.Column("audience_id", sa.Integer(), nullable=False),
         sa.Column("member_id", sa.String(length=255), nullable=False),
         sa.Column("is_anonymous", sa.Boolean(), nullable=False),
-        sa.Column("email", sa.String(length=255), nullable=True),
         sa.Column("entered_snapshot_id", BigId, nullable=False),
         sa.ForeignKeyConstraint(
             ["audience_id"],
@@ -69,14 +68,11 @@ _REPLAY = [
     "(SELECT 1 FROM snapshot_members x WHERE x.snapshot_id = :s "
     "AND x.member_id = audience_members.member_id)",
     "UPDATE audience_members SET "
-    "email = (SELECT x.email FROM snapshot_members x WHERE x.snapshot_id = :s "
-    "AND x.member_id = audience_members.member_id), "
     "is_anonymous = (SELECT x.is_anonymous FROM snapshot_members x WHERE x.snapshot_id = :s "
     "AND x.member_id = audience_members.member_id) "
     "WHERE audience_id = :a",
-    "INSERT INTO audience_members (audience_id, member_id, is_anonymous, email, "
-    "entered_snapshot_id) "
-    "SELECT :a, x.member_id, x.is_anonymous, x.email, :s FROM snapshot_members x "
+    "INSERT INTO audience_members (audience_id, member_id, is_anonymous, entered_snapshot_id) "
+    "SELECT :a, x.member_id, x.is_anonymous, :s FROM snapshot_members x "
     "WHERE x.snapshot_id = :s AND NOT EXISTS (SELECT 1 FROM audience_members m "
     "WHERE m.audience_id = :a AND m.member_id = x.member_id)",
 ]
@@ -121,10 +117,12 @@ def downgrade() -> None:
         sa.PrimaryKeyConstraint("snapshot_id", "member_id", name=op.f("pk_snapshot_members")),
     )
     # The current membership becomes each audience's latest snapshot (older ones keep only
-    # their counts: the old schema has no log).
+    # their counts: the old schema has no log), with the email a destination was sent.
     op.execute(
         "INSERT INTO snapshot_members (snapshot_id, member_id, is_anonymous, email) "
-        "SELECT s.id, m.member_id, m.is_anonymous, m.email FROM audience_members m "
+        "SELECT s.id, m.member_id, m.is_anonymous, (SELECT max(y.email) FROM synced_members y "
+        "WHERE y.audience_id = m.audience_id AND y.member_id = m.member_id) "
+        "FROM audience_members m "
         "JOIN snapshots s ON s.id = (SELECT max(l.id) FROM snapshots l "
         "WHERE l.audience_id = m.audience_id)"
     )
