@@ -215,7 +215,7 @@ def copy_rows(
             raw: Any = connection.connection.driver_connection
             with raw.cursor() as cursor, cursor.copy(statement) as copy:
                 block: list[memoryview] = []
-                for data in copy:
+                for data in _copy_data(copy, raw.pgconn):
                     block.append(data)
                     if len(block) >= fetch_size:
                         yield block
@@ -228,6 +228,39 @@ def copy_rows(
         raise SourceError(f"source {source_name}: {exc}") from None
     except psycopg.Error as exc:
         raise SourceError(f"source {source_name}: {_driver_message(exc)}") from None
+
+
+def _copy_data(copy: Any, pgconn: Any) -> Iterator[memoryview]:
+    """The rows of a COPY TO, as the driver receives them.
+
+    Rows already received are taken straight from libpq, without the driver's wait loop
+    around each one (which costs more than the row); the driver waits when none is there.
+    Needs the driver's COPY object to say it is finished; where it cannot, the driver's own
+    iteration is used.
+    """
+    if not hasattr(copy, "_finished"):
+        yield from copy
+        return
+    get_copy_data = pgconn.get_copy_data
+    while True:
+        size, data = get_copy_data(1)  # 1: do not block
+        if size > 0:
+            yield data
+        elif size == 0:  # nothing received yet: let the driver wait for the next row
+            data = copy.read()
+            if not data:
+                return
+            yield data
+        else:  # the COPY ended (-1) or failed (-2): take its outcome as the driver would
+            copy._finished = True
+            results = []
+            while (result := pgconn.get_result()) is not None:
+                results.append(result)
+            if size == -2 or not results:
+                raise psycopg.OperationalError(pgconn.error_message.decode(errors="replace"))
+            if results[0].status != psycopg.pq.ExecStatus.COMMAND_OK:
+                raise psycopg.errors.error_from_result(results[0])
+            return
 
 
 def check_query(url: str, query: str, *, timeout_seconds: float, source_name: str) -> list[str]:

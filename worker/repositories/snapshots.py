@@ -190,22 +190,36 @@ class CopyLoad:
             "SELECT count(*) FILTER (WHERE reason = 'null_id'), "
             "count(*) FILTER (WHERE reason = 'id_too_long'), "
             "count(*) FILTER (WHERE reason IS NULL AND padded), "
-            "count(*) FILTER (WHERE reason IS NULL) "
+            "count(*) FILTER (WHERE reason IS NULL), "
+            "count(DISTINCT member_id) FILTER (WHERE reason IS NULL), "
+            "count(*) FILTER (WHERE reason IS NOT NULL OR is_anonymous "
+            "OR email IS DISTINCT FROM raw_email) "
             f"FROM ({rules}) AS r",
             {"ws": WHITESPACE},
         )
-        null_ids, too_long, padded, valid = cursor.fetchone()
-        # Duplicates keep the first row read (COPY appends in order, so physical order is
-        # read order), as the streamed path's ON CONFLICT DO NOTHING does.
-        cursor.execute(
-            f"CREATE UNLOGGED TABLE {name} AS "
-            "SELECT DISTINCT ON (member_id) member_id::varchar(255) AS member_id, "
-            "is_anonymous, email::varchar(255) AS email "
-            f"FROM ({rules}) AS r WHERE reason IS NULL ORDER BY member_id, ord",
-            {"ws": WHITESPACE},
-        )
-        members = cursor.rowcount
-        cursor.execute(f"DROP TABLE {raw}")
+        null_ids, too_long, padded, valid, members, changed = cursor.fetchone()
+        if not changed and members == valid:
+            # Every row is kept as it came (the usual case): the raw table becomes the
+            # staging table by renames, which touch no row.
+            cursor.execute(f"ALTER TABLE {raw} RENAME TO {name}")
+            cursor.execute(f"ALTER TABLE {name} RENAME COLUMN user_id TO member_id")
+            cursor.execute(f"ALTER TABLE {name} DROP COLUMN anonymous_id")
+            cursor.execute(
+                f"ALTER TABLE {name} ADD COLUMN is_anonymous boolean NOT NULL DEFAULT false"
+            )
+        else:
+            # Duplicates keep the first row read (COPY appends in order, so physical order
+            # is read order), as the streamed path's ON CONFLICT DO NOTHING does.
+            distinct = "DISTINCT ON (member_id) " if members < valid else ""
+            order = " ORDER BY member_id, ord" if members < valid else ""
+            cursor.execute(
+                f"CREATE UNLOGGED TABLE {name} AS SELECT {distinct}"
+                f"member_id::varchar({MAX_ID_LENGTH}) AS member_id, is_anonymous, "
+                f"email::varchar({MAX_EMAIL_LENGTH}) AS email "
+                f"FROM ({rules}) AS r WHERE reason IS NULL{order}",
+                {"ws": WHITESPACE},
+            )
+            cursor.execute(f"DROP TABLE {raw}")
         cursor.close()
         skipped = {
             "null_id": null_ids,
@@ -221,21 +235,38 @@ def add_copy_block(load: CopyLoad, block: Sequence[bytes | memoryview]) -> None:
     load.write(block)
 
 
+def _padded(column: str) -> str:
+    """SQL: the text starts or ends with whitespace (two one-character lookups; cheaper than
+    trimming every value)."""
+    return (
+        f"({column} <> '' AND (strpos(%(ws)s, left({column}, 1)) > 0 "
+        f"OR strpos(%(ws)s, right({column}, 1)) > 0))"
+    )
+
+
+def _has_id(column: str) -> str:
+    """SQL: the text is an id (not NULL, not empty, not only whitespace); trimmed only when
+    it starts with whitespace."""
+    return (
+        f"({column} IS NOT NULL AND {column} <> '' AND (strpos(%(ws)s, left({column}, 1)) = 0 "
+        f"OR btrim({column}, %(ws)s) <> ''))"
+    )
+
+
 def _clean_select(raw: str) -> str:
     """The bad-row rules of `worker.sources.clean_row`, as SQL over the raw staging table:
     per row the member id, anonymity, email, whether the id is padded, and the reason the
     row is skipped (NULL: kept). PostgreSQL text holds no NUL, so `invalid_id` cannot occur."""
-    user_ok = "(user_id IS NOT NULL AND btrim(user_id, %(ws)s) <> '')"
-    anon_ok = "(anonymous_id IS NOT NULL AND btrim(anonymous_id, %(ws)s) <> '')"
+    user_ok, anon_ok = _has_id("user_id"), _has_id("anonymous_id")
+    email = f"CASE WHEN {_padded('email')} THEN btrim(email, %(ws)s) ELSE email END"
     return (
-        "SELECT member_id, is_anonymous, ord, "
-        "member_id <> btrim(member_id, %(ws)s) AS padded, "
+        f"SELECT member_id, is_anonymous, ord, raw_email, {_padded('member_id')} AS padded, "
         "CASE WHEN member_id IS NULL THEN 'null_id' "
         f"WHEN char_length(member_id) > {MAX_ID_LENGTH} THEN 'id_too_long' END AS reason, "
         f"CASE WHEN char_length(e) BETWEEN 1 AND {MAX_EMAIL_LENGTH} THEN e END AS email "
-        "FROM (SELECT ctid AS ord, "
+        "FROM (SELECT ctid AS ord, email AS raw_email, "
         f"CASE WHEN {user_ok} THEN user_id WHEN {anon_ok} THEN anonymous_id END AS member_id, "
-        f"NOT {user_ok} AS is_anonymous, btrim(email, %(ws)s) AS e FROM {raw}) AS c"
+        f"NOT {user_ok} AS is_anonymous, {email} AS e FROM {raw}) AS c"
     )
 
 
