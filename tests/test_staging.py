@@ -167,12 +167,17 @@ def test_membership_follows_the_source_and_the_log_keeps_the_past(
         assert snapshot_repo.members_at(session, audience_id, first) == [f"u{i}" for i in range(5)]
         assert snapshot_repo.members_at(session, audience_id, second) == ["u2", "u3", "u4", "u6"]
         assert snapshot_repo.count_members_at(session, audience_id, third) == 5
-        history = snapshot_repo.member_history(session, audience_id, "u0")
-        assert [(h.entered_snapshot_id, h.exited_snapshot_id) for h in history] == [
+        spans = snapshot_repo.membership_spans(session, audience_id, "u0")
+        assert [(h.entered_snapshot_id, h.exited_snapshot_id) for h in spans] == [
             (first, second),
             (third, None),
         ]
-        assert snapshot_repo.member_history(session, audience_id, "u7") == []
+        assert snapshot_repo.membership_spans(session, audience_id, "u7") == []
+        history = snapshot_repo.member_history(session, audience_id, "u0")
+        assert [is_member for _, is_member in history] == [True, False, True]
+        assert [at for at, _ in history] == sorted(at for at, _ in history)
+        latest = snapshot_repo.latest_membership(session, audience_id, "u1")
+        assert latest is not None and latest[0] == third and latest[2] is False
         # Only the changes were written: two exits, in the log.
         assert session.scalar(select(func.count()).select_from(MembershipPeriod)) == 2
         # Retention: periods that ended before the cut-off go.

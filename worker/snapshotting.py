@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from worker.config import resolve_source_url
 from worker.context import ServiceContext
+from worker.domain import Progress
 from worker.repositories import runs as run_repo
 from worker.repositories import snapshots as snapshot_repo
 from worker.repositories.dialect import is_postgresql
@@ -36,11 +37,12 @@ def take_snapshot(
     query: str,
     timeout: float,
     run_id: int | None = None,
+    progress: Progress | None = None,
 ) -> TakenSnapshot:
     """Load the source into a new snapshot's staging table, in one transaction: a source
     failure or a crash leaves no snapshot behind. The run (when given) is marked as the
     snapshot's reader in the same transaction, so its staging table is never taken for
-    one a dead run left."""
+    one a dead run left. `progress` advances by the rows of each block read."""
     began = time.monotonic()
     url = resolve_source_url(source_name, url_template, ctx.env)
     with ctx.unit_of_work() as session:
@@ -49,11 +51,11 @@ def take_snapshot(
             statement = copy_statement(url, query, timeout_seconds=timeout, source_name=source_name)
         if statement is not None:
             snapshot_id, members, skipped = _load_by_copy(
-                ctx, session, audience_id, url, statement, source_name, timeout
+                ctx, session, audience_id, url, statement, source_name, timeout, progress
             )
         else:
             snapshot_id, members, skipped = _load_streamed(
-                ctx, session, audience_id, url, query, source_name, timeout
+                ctx, session, audience_id, url, query, source_name, timeout, progress
             )
         if run_id is not None:
             run_repo.update_run(session, run_id, snapshot_id=snapshot_id)
@@ -68,6 +70,7 @@ def _load_by_copy(
     statement: str,
     source_name: str,
     timeout: float,
+    progress: Progress | None,
 ) -> tuple[int, int, dict[str, int]]:
     snapshot_id = snapshot_repo.create_snapshot(
         session, audience_id, now=ctx.clock(), with_staging=False
@@ -85,6 +88,8 @@ def _load_by_copy(
             ctx.crash_point("reading_source")
             snapshot_repo.add_copy_block(load, block)
             ctx.crash_point("writing_snapshot")
+            if progress is not None:
+                progress.advance(len(block))
     except BaseException:
         load.abort()
         raise
@@ -102,6 +107,7 @@ def _load_streamed(
     query: str,
     source_name: str,
     timeout: float,
+    progress: Progress | None,
 ) -> tuple[int, int, dict[str, int]]:
     skipped: dict[str, int] = {}
     received = 0
@@ -124,6 +130,8 @@ def _load_streamed(
         received += len(rows)
         snapshot_repo.add_members(session, snapshot_id, rows)
         ctx.crash_point("writing_snapshot")
+        if progress is not None:
+            progress.advance(len(chunk))
     ctx.crash_point("loading_staging")
     members = snapshot_repo.finish_snapshot(session, snapshot_id)
     if received > members:

@@ -455,7 +455,7 @@ def count_members_at(session: Session, audience_id: int, snapshot_id: int) -> in
     return session.scalar(select(func.count()).select_from(query)) or 0
 
 
-def member_history(session: Session, audience_id: int, member_id: str) -> list[MembershipSpan]:
+def membership_spans(session: Session, audience_id: int, member_id: str) -> list[MembershipSpan]:
     """A user's membership periods in the audience, oldest first (as far back as the log's
     retention reaches)."""
     past = session.execute(
@@ -476,6 +476,62 @@ def member_history(session: Session, audience_id: int, member_id: str) -> list[M
     if entered is not None:
         spans.append(MembershipSpan(int(entered), None, None))
     return spans
+
+
+def _snapshot_times(session: Session, snapshot_ids: set[int]) -> dict[int, datetime]:
+    """When each snapshot was taken: its row while kept, else the start of the run that took
+    it (runs are kept longer than snapshot rows)."""
+    if not snapshot_ids:
+        return {}
+    times: dict[int, datetime] = {
+        int(i): at
+        for i, at in session.execute(
+            select(SyncRun.snapshot_id, SyncRun.started_at).where(
+                SyncRun.snapshot_id.in_(snapshot_ids)
+            )
+        )
+        if i is not None
+    }
+    times.update(
+        (int(i), at)
+        for i, at in session.execute(
+            select(Snapshot.id, Snapshot.created_at).where(Snapshot.id.in_(snapshot_ids))
+        )
+    )
+    return times
+
+
+def member_history(
+    session: Session, audience_id: int, member_id: str
+) -> list[tuple[datetime, bool]]:
+    """When the user entered (True) or exited (False) the audience, oldest first, read from
+    the membership log (as far back as its retention reaches)."""
+    spans = membership_spans(session, audience_id, member_id)
+    times = _snapshot_times(session, {span.entered_snapshot_id for span in spans})
+    events: list[tuple[datetime, bool]] = []
+    for span in spans:
+        entered_at = times.get(span.entered_snapshot_id)
+        if entered_at is not None:
+            events.append((entered_at, True))
+        if span.exited_at is not None:
+            events.append((span.exited_at, False))
+    return events
+
+
+def latest_membership(
+    session: Session, audience_id: int, member_id: str
+) -> tuple[int, datetime, bool] | None:
+    """(snapshot id, taken at, whether the user is a member) of the audience's latest
+    snapshot; None before its first. Membership is the current one, kept once."""
+    latest = session.execute(
+        select(Snapshot.id, Snapshot.created_at)
+        .where(Snapshot.audience_id == audience_id)
+        .order_by(Snapshot.id.desc())
+        .limit(1)
+    ).first()
+    if latest is None:
+        return None
+    return int(latest[0]), latest[1], is_member(session, audience_id, member_id)
 
 
 def is_member(session: Session, audience_id: int, member_id: str) -> bool:

@@ -1,12 +1,13 @@
 """synced_members: the last value each destination accepted for each user (its only writer)."""
 
 from collections.abc import Sequence
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from sqlalchemy import and_, false, func, literal, select, text
 from sqlalchemy.orm import Session
 
-from models import RunChange, SyncedMember
+from models import RunChange, SyncedMember, SyncRun
 from worker.payloads import Change
 from worker.repositories.dialect import insert_for, is_postgresql
 
@@ -138,3 +139,42 @@ def refresh_statistics(session: Session) -> None:
     """After a large run on PostgreSQL: fresh statistics keep the next diff's plan right."""
     if is_postgresql(session):
         session.execute(text("ANALYZE synced_members"))
+
+
+@dataclass(frozen=True, slots=True)
+class SyncedState:
+    """What a destination last accepted for one user, and when (the recording run's end,
+    or its start while it runs; None for a user held as `false` after a run that stopped)."""
+
+    is_member: bool
+    run_id: int | None
+    updated_at: datetime | None
+
+
+def member_state(
+    session: Session, audience_id: int, destination_id: int, member_id: str
+) -> SyncedState | None:
+    """What the destination last accepted for the user (None: never told)."""
+    row = session.execute(
+        select(
+            SyncedMember.is_member,
+            SyncedMember.run_id,
+            func.coalesce(SyncRun.finished_at, SyncRun.started_at),
+        )
+        .outerjoin(SyncRun, SyncRun.id == SyncedMember.run_id)
+        .where(
+            SyncedMember.audience_id == audience_id,
+            SyncedMember.destination_id == destination_id,
+            SyncedMember.member_id == member_id,
+        )
+    ).first()
+    if row is None:
+        return None
+    return SyncedState(bool(row[0]), row[1], _aware(row[2]))
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes from an expression; they are UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
