@@ -261,12 +261,11 @@ class RunLifecycle:
                 run_repo.update_run(session, opened.run_id, snapshot_id=None)
             else:
                 # Only the difference from the current membership is written; the staging
-                # table has served its purpose once the run's changes are planned.
+                # table stays until the run ends (see end_run).
                 snapshot_repo.apply_snapshot(
                     session, audience_id, snapshot.snapshot_id, now=self._ctx.clock()
                 )
                 self._ctx.crash_point("writing_change_log")
-                snapshot_repo.drop_staging(session, snapshot.snapshot_id)
         return Plan(to_enter, to_exit, has_failing, block, seconds)
 
     def _prepare_destination(self, opened: OpenedRun) -> AudienceRef:
@@ -341,6 +340,8 @@ class RunLifecycle:
                 # Changes a failed run leaves behind are settled by the pair's next run.
                 run_repo.update_run(session, run_id, status=status, error=error, finished_at=now)
                 audience_repo.release_lock(session, pair_id, owner)
+                if current is not None and current.snapshot_id is not None:
+                    snapshot_repo.drop_staging(session, current.snapshot_id)
             run = run_repo.get_run(session, run_id)
             pair = audience_repo.pair_by_id(session, pair_id)
             assert run is not None and pair is not None

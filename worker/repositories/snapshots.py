@@ -3,9 +3,10 @@ and applying it to the audience's membership (current members once, exits as a l
 
 Each snapshot has its own staging table, `staged_members_<snapshot id>` (UNLOGGED on
 PostgreSQL: it is rebuilt from the source whenever it is lost). It lives from the source
-read until the run's changes are planned; the run then applies it to `audience_members`
-and `membership_log`, writing only what changed, and drops it. A snapshot of a blocked run
-or a dry run is dropped unapplied.
+read until its run ends; when the run's changes are planned the run applies it to
+`audience_members` and `membership_log`, writing only what changed. A snapshot of a
+blocked run or a dry run is dropped unapplied; a dead run's staging table is dropped by a
+later run.
 """
 
 import re
