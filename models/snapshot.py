@@ -7,7 +7,7 @@ only the difference between it and the current membership is written here.
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String
+from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import Base, UTCDateTime
@@ -34,9 +34,8 @@ class AudienceMember(Base):
     audience_id: Mapped[int] = mapped_column(
         ForeignKey("audiences.id", ondelete="CASCADE"), primary_key=True
     )
-    # userId, or anonymousId when is_anonymous.
+    # userId or anonymousId (which of the two, and the email, are kept by the synced state).
     member_id: Mapped[str] = mapped_column(String(255), primary_key=True)
-    is_anonymous: Mapped[bool] = mapped_column(Boolean, default=False)
     # The snapshot the member entered in (the start of its current membership period).
     entered_snapshot_id: Mapped[int] = mapped_column(BigId)
 

@@ -28,7 +28,6 @@ def _create_membership_tables() -> None:
         "audience_members",
         sa.Column("audience_id", sa.Integer(), nullable=False),
         sa.Column("member_id", sa.String(length=255), nullable=False),
-        sa.Column("is_anonymous", sa.Boolean(), nullable=False),
         sa.Column("entered_snapshot_id", BigId, nullable=False),
         sa.ForeignKeyConstraint(
             ["audience_id"],
@@ -67,12 +66,8 @@ _REPLAY = [
     "DELETE FROM audience_members WHERE audience_id = :a AND NOT EXISTS "
     "(SELECT 1 FROM snapshot_members x WHERE x.snapshot_id = :s "
     "AND x.member_id = audience_members.member_id)",
-    "UPDATE audience_members SET "
-    "is_anonymous = (SELECT x.is_anonymous FROM snapshot_members x WHERE x.snapshot_id = :s "
-    "AND x.member_id = audience_members.member_id) "
-    "WHERE audience_id = :a",
-    "INSERT INTO audience_members (audience_id, member_id, is_anonymous, entered_snapshot_id) "
-    "SELECT :a, x.member_id, x.is_anonymous, :s FROM snapshot_members x "
+    "INSERT INTO audience_members (audience_id, member_id, entered_snapshot_id) "
+    "SELECT :a, x.member_id, :s FROM snapshot_members x "
     "WHERE x.snapshot_id = :s AND NOT EXISTS (SELECT 1 FROM audience_members m "
     "WHERE m.audience_id = :a AND m.member_id = x.member_id)",
 ]
@@ -120,7 +115,10 @@ def downgrade() -> None:
     # their counts: the old schema has no log), with the email a destination was sent.
     op.execute(
         "INSERT INTO snapshot_members (snapshot_id, member_id, is_anonymous, email) "
-        "SELECT s.id, m.member_id, m.is_anonymous, (SELECT max(y.email) FROM synced_members y "
+        "SELECT s.id, m.member_id, "
+        "coalesce((SELECT max(CASE WHEN y.is_anonymous THEN 1 ELSE 0 END) FROM synced_members y "
+        "WHERE y.audience_id = m.audience_id AND y.member_id = m.member_id), 0) = 1, "
+        "(SELECT max(y.email) FROM synced_members y "
         "WHERE y.audience_id = m.audience_id AND y.member_id = m.member_id) "
         "FROM audience_members m "
         "JOIN snapshots s ON s.id = (SELECT max(l.id) FROM snapshots l "

@@ -59,10 +59,11 @@ def _held_as_member(scope: PairScope, member_id: Any) -> Any:
     )
 
 
-def _change_selects(scope: PairScope, run_id: int) -> list[Any]:
+def _change_selects(scope: PairScope, run_id: int, *, has_failing: bool = True) -> list[Any]:
     """The run's changes as run_changes rows, in up to four selects. Each is a plain join or
     anti-join (every NOT EXISTS stands alone in the WHERE clause), so the database plans
-    them as hash anti-joins over the whole audience."""
+    them as hash anti-joins over the whole audience. A pair without failing users (the
+    usual case) needs two: who entered, who left."""
     run = literal(run_id)
     snapshot = staged(scope.snapshot_id).c
     previous_run = (
@@ -70,8 +71,12 @@ def _change_selects(scope: PairScope, run_id: int) -> list[Any]:
         .where(_pair(scope, SyncedMember), SyncedMember.member_id == snapshot.member_id)
         .scalar_subquery()
     )
-    not_quarantined_member = ~_failing(scope, snapshot.member_id, is_quarantined=True)
-    not_quarantined_synced = ~_failing(scope, SyncedMember.member_id, is_quarantined=True)
+    not_quarantined_member = (
+        ~_failing(scope, snapshot.member_id, is_quarantined=True) if has_failing else true()
+    )
+    not_quarantined_synced = (
+        ~_failing(scope, SyncedMember.member_id, is_quarantined=True) if has_failing else true()
+    )
     enter = select(
         run,
         snapshot.member_id,
@@ -103,6 +108,11 @@ def _change_selects(scope: PairScope, run_id: int) -> list[Any]:
         _failing(scope, SyncedMember.member_id, is_quarantined=False),
         ~_in_snapshot(scope, SyncedMember.member_id),
     )
+    if not has_failing:
+        return [
+            enter if scope.is_full else enter.where(~_held_as_member(scope, snapshot.member_id)),
+            leave,
+        ]
     if scope.is_full:
         return [enter, leave, leave_in_doubt]
     enter_in_doubt = (
@@ -135,7 +145,8 @@ def plan_run_changes(session: Session, scope: PairScope, run_id: int) -> tuple[i
         # Set-based statements over the whole audience: compiling them costs more than it saves.
         session.execute(text("SET LOCAL jit = off"))
     table = RunChange.__table__
-    for query in _change_selects(scope, run_id):
+    has_failing = session.scalar(select(literal(1)).where(_pair(scope, FailingMember)).limit(1))
+    for query in _change_selects(scope, run_id, has_failing=has_failing is not None):
         session.execute(table.insert().from_select(_CHANGE_COLUMNS, query))  # type: ignore[attr-defined]
     counts = dict(
         session.execute(

@@ -297,49 +297,63 @@ def previous_member_count(session: Session, audience_id: int, before_id: int) ->
 
 def apply_snapshot(session: Session, audience_id: int, snapshot_id: int, *, now: datetime) -> None:
     """Make the snapshot the audience's current membership, writing only the difference:
-    members gone get their period closed in the log, new members a row, members whose
-    id changed kind (userId, anonymousId) an update. Runs of the audience's other destinations apply
-    one at a time (the audience row is locked until the transaction ends)."""
+    members gone get their period closed in the log, new members a row. Runs of the
+    audience's other destinations apply one at a time (the audience row is locked until
+    the transaction ends)."""
     session.execute(select(Audience.id).where(Audience.id == audience_id).with_for_update())
     stage = staged(snapshot_id)
     member = AudienceMember
     mine = member.audience_id == audience_id
     gone = and_(mine, ~exists().where(stage.c.member_id == member.member_id))
-    session.execute(
-        insert_for(session, MembershipPeriod.__table__)  # type: ignore[arg-type]
-        .from_select(
-            ["audience_id", "member_id", "entered_snapshot_id", "exited_snapshot_id", "exited_at"],
-            select(
-                member.audience_id,
-                member.member_id,
-                member.entered_snapshot_id,
-                literal(snapshot_id),
-                literal(now, MembershipPeriod.exited_at.type),
-            ).where(gone),
+    log_columns = [
+        "audience_id",
+        "member_id",
+        "entered_snapshot_id",
+        "exited_snapshot_id",
+        "exited_at",
+    ]
+    exited_at = literal(now, MembershipPeriod.exited_at.type)
+    if is_postgresql(session):
+        # One anti-join: the rows deleted are the ones logged.
+        removed = (
+            delete(member)
+            .where(gone)
+            .returning(member.audience_id, member.member_id, member.entered_snapshot_id)
+            .cte("removed")
         )
-        .on_conflict_do_nothing()
-    )
-    session.execute(delete(member).where(gone).execution_options(synchronize_session=False))
-    session.execute(
-        update(member)
-        .where(
-            mine,
-            member.member_id == stage.c.member_id,
-            member.is_anonymous != stage.c.is_anonymous,
+        log = select(
+            removed.c.audience_id,
+            removed.c.member_id,
+            removed.c.entered_snapshot_id,
+            literal(snapshot_id),
+            exited_at,
         )
-        .values(is_anonymous=stage.c.is_anonymous)
-        .execution_options(synchronize_session=False)
-    )
+        session.execute(
+            insert_for(session, MembershipPeriod.__table__)  # type: ignore[arg-type]
+            .from_select(log_columns, log)
+            .on_conflict_do_nothing()
+        )
+    else:
+        log = select(
+            member.audience_id,
+            member.member_id,
+            member.entered_snapshot_id,
+            literal(snapshot_id),
+            exited_at,
+        ).where(gone)
+        session.execute(
+            insert_for(session, MembershipPeriod.__table__)  # type: ignore[arg-type]
+            .from_select(log_columns, log)
+            .on_conflict_do_nothing()
+        )
+        session.execute(delete(member).where(gone).execution_options(synchronize_session=False))
     session.execute(
         insert_for(session, member.__table__)  # type: ignore[arg-type]
         .from_select(
-            ["audience_id", "member_id", "is_anonymous", "entered_snapshot_id"],
-            select(
-                literal(audience_id),
-                stage.c.member_id,
-                stage.c.is_anonymous,
-                literal(snapshot_id),
-            ).where(~exists().where(mine, member.member_id == stage.c.member_id)),
+            ["audience_id", "member_id", "entered_snapshot_id"],
+            select(literal(audience_id), stage.c.member_id, literal(snapshot_id)).where(
+                ~exists().where(mine, member.member_id == stage.c.member_id)
+            ),
         )
         .on_conflict_do_nothing()
     )
