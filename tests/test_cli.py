@@ -68,14 +68,20 @@ def _sync(*args: str) -> tuple[int, list[dict[str, object]]]:
     return result.exit_code, json.loads(history.stdout)
 
 
+def _applied(result_stdout: str) -> list[str]:
+    """The lines after the plan: what `apply` did."""
+    lines = result_stdout.strip().splitlines()
+    return lines[[i for i, line in enumerate(lines) if line.startswith("plan: ")][-1] + 1 :]
+
+
 def test_apply_creates_updates_and_archives(state: str, shop: ShopSource, tmp_path: Path) -> None:
     both = _config(tmp_path, shop, "Order Completed", "High-Value Customers")
     result = invoke("apply", str(both))
     assert result.exit_code == 0, result.output
-    assert result.stdout.strip() == "created: order_completed, high_value_customers"
-    assert invoke("apply", str(both)).stdout.strip() == (
+    assert _applied(result.stdout) == ["created: order_completed, high_value_customers"]
+    assert _applied(invoke("apply", str(both)).stdout) == [
         "unchanged: order_completed, high_value_customers"
-    )
+    ]
     listed = _table_rows(invoke("audiences", "list").stdout, 6)
     assert listed == [
         ["high_value_customers", "High-Value Customers", "shop", "every 2h", "local", ""],
@@ -83,7 +89,7 @@ def test_apply_creates_updates_and_archives(state: str, shop: ShopSource, tmp_pa
     ]
 
     one = _config(tmp_path, shop, "Order Completed")
-    assert invoke("apply", str(one)).stdout.strip().splitlines() == [
+    assert _applied(invoke("apply", str(one)).stdout) == [
         "archived: high_value_customers",
         "unchanged: order_completed",
     ]
@@ -187,7 +193,7 @@ def test_failures_and_archive(state: str, shop: ShopSource, tmp_path: Path) -> N
 
 def test_status(state: str, shop: ShopSource, tmp_path: Path) -> None:
     invoke("apply", str(_config(tmp_path, shop, "Order Completed")))
-    [row] = _table_rows(invoke("status").stdout, 8)
+    [row] = _table_rows(invoke("status").stdout, 9)
     assert (row[0], row[1], row[2], row[4], row[7]) == (
         "order_completed",
         "local",
@@ -196,7 +202,7 @@ def test_status(state: str, shop: ShopSource, tmp_path: Path) -> None:
         "",
     )
     invoke("sync")
-    [row] = _table_rows(invoke("status").stdout, 8)
+    [row] = _table_rows(invoke("status").stdout, 9)
     assert (row[3], row[4], row[7]) == ("1", "succeeded", "")
 
     # A run in progress (started here, not finished) shows as running.
@@ -210,10 +216,12 @@ def test_status(state: str, shop: ShopSource, tmp_path: Path) -> None:
     [pair] = service.select_pairs()
     service.start_run(pair, SyncRequest())
     engine.dispose()
-    [row] = _table_rows(invoke("status").stdout, 8)
-    assert (row[3], row[4], row[7]) == ("2", "running", "yes")
+    [row] = _table_rows(invoke("status").stdout, 9)
+    # This process holds it, alive: `running`.
+    assert (row[3], row[4], row[7]) == ("2", "running", "running")
     skipped = invoke("sync")
-    assert skipped.exit_code == 0 and "skipped" in skipped.stdout
+    # "Did nothing" has its own exit status, apart from success and failure.
+    assert skipped.exit_code == 3 and "skipped" in skipped.stdout
 
 
 def test_db_upgrade(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
