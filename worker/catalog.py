@@ -3,6 +3,7 @@ says, check the destinations (the other reads are `worker.reports`)."""
 
 from collections.abc import Sequence
 
+from worker.audiences import check_rule_audiences
 from worker.config import Config, resolve_source_url
 from worker.context import ServiceContext
 from worker.domain import ApplyReport, PairStatus
@@ -34,6 +35,8 @@ class Catalog:
                     "name": aspec.name,
                     "source_id": sources[aspec.source].id,
                     "query": aspec.query,
+                    "rules": aspec.rules,
+                    "include_anonymous": aspec.include_anonymous,
                     "schedule": aspec.schedule,
                     "max_exit_fraction": aspec.max_exit_fraction,
                     "is_archived": False,
@@ -56,7 +59,11 @@ class Catalog:
 
     def _check_queries(self, config: Config) -> None:
         sources = {s.name: s for s in config.sources}
+        # Rule audiences: each source's tables reflected once, each rule checked against them.
+        check_rule_audiences(config, self._ctx.env, now=self._ctx.clock())
         for audience in config.audiences:
+            if audience.query is None:
+                continue
             source = sources[audience.source]
             try:
                 check_query(

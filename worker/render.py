@@ -7,11 +7,13 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+import yaml
 from rich.console import RenderableType
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from worker.audiences import AudienceView, CompiledAudience, Preview
 from worker.domain import ApplyReport, PairStatus, RunSummary
 from worker.reports import AudienceListing, FailingUser, RunDetail, RunRecord
 
@@ -240,3 +242,60 @@ def check_line(destination: str, is_ok: bool, message: str) -> str:
     """One destination's credential check (rich markup)."""
     mark = "[green]ok[/]" if is_ok else "[red]failed[/]"
     return f"{destination}: {mark} {escape(message)}"
+
+
+def audience_definition(view: AudienceView) -> Text:
+    """`audiences show`: the audience as it would be written in the audiences file."""
+    document: dict[str, Any] = {
+        "key": view.key,
+        "name": view.name,
+        "source": view.source,
+        "schedule": view.schedule,
+        "destinations": list(view.destinations),
+    }
+    if view.rules is not None:
+        document["rules"] = view.rules
+        document["include_anonymous"] = view.include_anonymous
+    else:
+        document["query"] = view.query
+    if view.is_archived:
+        document["archived"] = True
+    text = yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=100)
+    return Text(text.rstrip("\n"))
+
+
+def compiled_audience(compiled: CompiledAudience) -> Text:
+    """`audiences show --sql`: the SQL the audience runs, its parameters as comments after
+    it (a rule audience's values never enter the SQL text)."""
+    if compiled.now is None:
+        header = f"-- {compiled.key}: the SQL audience's query ({compiled.dialect})"
+    else:
+        header = (
+            f"-- {compiled.key}: compiled for {compiled.dialect}, now = "
+            f"{compiled.now.isoformat()} (each run compiles it again for its own start)"
+        )
+    lines = [header, compiled.sql.strip() + ";"]
+    if compiled.params:
+        lines.append("-- parameters:")
+        lines += [f"--   :{name} = {value!r}" for name, value in compiled.params.items()]
+    return Text("\n".join(lines))
+
+
+def preview_lines(preview: Preview) -> list[RenderableType]:
+    """`audiences preview`: the member count, rows left out, and the sample."""
+    skipped = ", ".join(f"{reason} x{count}" for reason, count in sorted(preview.skipped.items()))
+    count = f"{preview.key}: {preview.members} members" + (
+        f" ({skipped} left out)" if skipped else ""
+    )
+    lines: list[RenderableType] = [Text(count)]
+    if preview.sample:
+        table = _table("user_id", "anonymous_id", "email")
+        for row in preview.sample:
+            member = Text(row.member_id)
+            table.add_row(
+                Text("") if row.is_anonymous else member,
+                member if row.is_anonymous else Text(""),
+                Text(row.email or ""),
+            )
+        lines.append(table)
+    return lines

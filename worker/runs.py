@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from models import SyncRun
+from worker.audiences import RuleDefinition, rule_definition
 from worker.context import ServiceContext
 from worker.domain import (
     PairScope,
@@ -55,9 +56,11 @@ class OpenedRun:
     source_name: str
     source_url: str
     source_timeout: float
-    query: str
+    query: str | None
     max_exit_fraction: float
     started: float  # time.monotonic() when the run was asked for
+    rules: RuleDefinition | None = None  # a rule audience: compiled when snapshotted
+    started_at: datetime | None = None  # the run's start: a rule audience's "now"
 
     def prepared(
         self,
@@ -132,6 +135,8 @@ class RunLifecycle:
                     url_template=opened.source_url,
                     query=opened.query,
                     timeout=opened.source_timeout,
+                    rules=opened.rules,
+                    now=opened.started_at,
                 )
         except (SourceError, ConfigError) as exc:
             return self._end(opened, RunStatus.FAILED, str(exc))
@@ -208,6 +213,10 @@ class RunLifecycle:
                 query=audience.query,
                 max_exit_fraction=audience.max_exit_fraction,
                 started=started,
+                rules=rule_definition(audience, audience_repo.all_audiences(session))
+                if audience.rules is not None
+                else None,
+                started_at=now,
             )
 
     def _plan(self, opened: OpenedRun, snapshot: TakenSnapshot, request: SyncRequest) -> Plan:

@@ -2,11 +2,13 @@
 
 import time
 from dataclasses import dataclass
+from datetime import datetime
 
+from worker.audiences import RuleDefinition, compile_rules
 from worker.config import resolve_source_url
 from worker.context import ServiceContext
 from worker.repositories import snapshots as snapshot_repo
-from worker.sources import SourceRow, stream_source
+from worker.sources import AudienceQuery, SourceRow, stream_source
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,20 +25,26 @@ def take_snapshot(
     *,
     source_name: str,
     url_template: str,
-    query: str,
+    query: str | None,
     timeout: float,
+    rules: RuleDefinition | None = None,
+    now: datetime | None = None,
 ) -> TakenSnapshot:
     """Stream the source into a new snapshot, in one transaction: a source failure or a
-    crash leaves no snapshot behind."""
+    crash leaves no snapshot behind. A rule audience (`rules`) is compiled first, for `now`
+    (the run's start), and its SELECT streamed as a query is."""
     began = time.monotonic()
     skipped: dict[str, int] = {}
     received = 0
     url = resolve_source_url(source_name, url_template, ctx.env)
+    statement: AudienceQuery = query or ""
+    if rules is not None:
+        statement = compile_rules(rules, url, now=now or ctx.clock())
     with ctx.unit_of_work() as session:
         snapshot_id = snapshot_repo.create_snapshot(session, audience_id, now=ctx.clock())
         chunks = stream_source(
             url,
-            query,
+            statement,
             timeout_seconds=timeout,
             fetch_size=ctx.settings.source_fetch_size,
             source_name=source_name,

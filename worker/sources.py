@@ -5,7 +5,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import URL, Connection, Engine, create_engine, make_url, text
+from sqlalchemy import (
+    URL,
+    Connection,
+    Engine,
+    Executable,
+    Select,
+    create_engine,
+    false,
+    make_url,
+    text,
+)
+from sqlalchemy import select as select_from
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
 from worker.db import with_postgres_driver
@@ -111,8 +122,17 @@ def _end_read_only(connection: Connection) -> None:
         connection.exec_driver_sql("PRAGMA query_only = OFF")
 
 
+# An audience's query: SQL text as written, or a rule audience's compiled SELECT (its values
+# bound parameters). Both take the same path from here on.
+AudienceQuery = str | Select[Any]
+
+
+def _statement(query: AudienceQuery) -> Executable:
+    return text(query) if isinstance(query, str) else query
+
+
 def stream_source(
-    url: str, query: str, *, timeout_seconds: float, fetch_size: int, source_name: str
+    url: str, query: AudienceQuery, *, timeout_seconds: float, fetch_size: int, source_name: str
 ) -> Iterator[list[SourceRow | str]]:
     """Run the audience query and yield cleaned rows in chunks (never the whole result).
 
@@ -128,7 +148,7 @@ def stream_source(
             try:
                 result = connection.execution_options(
                     stream_results=True, yield_per=fetch_size
-                ).execute(text(query))
+                ).execute(_statement(query))
                 columns = [str(c).lower() for c in list(result.keys())]
                 positions = _column_positions(columns, source_name)
                 for partition in result.partitions(fetch_size):
@@ -143,15 +163,21 @@ def stream_source(
         raise SourceError(f"source {source_name}: {exc}") from None
 
 
-def check_query(url: str, query: str, *, timeout_seconds: float, source_name: str) -> list[str]:
+def check_query(
+    url: str, query: AudienceQuery, *, timeout_seconds: float, source_name: str
+) -> list[str]:
     """Run the query with no rows wanted, to refuse a broken one at `apply`; return columns."""
     engine = source_engine(url)
     try:
         with engine.connect() as connection, connection.begin():
             _begin_read_only(connection, timeout_seconds)
             try:
-                # On lines of its own: a `--` comment ending the query must not hide the `)`.
-                result = connection.execute(text(f"SELECT * FROM (\n{query}\n) AS q WHERE 1 = 0"))
+                if isinstance(query, str):
+                    # On lines of its own: a `--` comment ending the query must not hide the `)`.
+                    wrapped: Executable = text(f"SELECT * FROM (\n{query}\n) AS q WHERE 1 = 0")
+                else:
+                    wrapped = select_from(query.subquery("q")).where(false())
+                result = connection.execute(wrapped)
                 columns = [str(c).lower() for c in list(result.keys())]
                 result.close()
             finally:
