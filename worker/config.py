@@ -326,7 +326,8 @@ def _check_definition(
         loc: tuple[int | str, ...] = ("audiences", index, "rules" if has_rules else "name")
         raise ConfigError(
             f"{_where(path, root, loc)}: {where}: give exactly one of `query:` (SQL) and "
-            f"`rules:` (conditions on events and traits); found {'both' if has_query else 'neither'}"
+            f"`rules:` (conditions on events and traits); found "
+            f"{'both' if has_query else 'neither'}"
         )
     if audience.query is not None:
         if audience.include_anonymous:
