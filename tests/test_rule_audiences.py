@@ -15,6 +15,7 @@ from sqlalchemy import Engine, create_engine, func, inspect, select
 from models import Audience, Source
 from tests.rules.evaluator import Dataset
 from tests.rules.warehouse import load, metadata, warehouse
+from worker import db
 from worker.config import load_config
 from worker.domain import SyncRequest
 from worker.errors import ConfigError
@@ -445,3 +446,32 @@ def test_a_run_fails_cleanly_when_a_rule_no_longer_fits_the_tables(
     assert "no table 'page_viewed'" in (summary.error or "")
     assert fake.items("ortto") == []
     assert sync_all(runtime, SyncRequest(is_dry_run=True), audience_keys=["vip_list"])
+
+
+def test_the_rules_migration_goes_down_and_up_on_both_backends(
+    tmp_path: Path, events: Engine, runtime: Runtime, state_url: str
+) -> None:
+    """0006 adds sources.layout, audiences.rules and include_anonymous, and lets a rule
+    audience have no query; going down, a rule audience keeps a query that selects nobody."""
+    local = {"type": "file", "path": str(tmp_path / "identify.ndjson")}
+    apply_file(runtime, _config(tmp_path, events, local))
+    runtime.engine.dispose()
+
+    def columns(table: str) -> set[str]:
+        engine = create_engine(state_url)
+        names = {c["name"] for c in inspect(engine).get_columns(table)}
+        engine.dispose()
+        return names
+
+    db.downgrade(state_url, "0003")
+    assert "rules" not in columns("audiences") and "layout" not in columns("sources")
+    engine = create_engine(state_url)
+    with engine.connect() as connection:
+        query = connection.exec_driver_sql(
+            f"select query from audiences where key = '{KEY}'"
+        ).scalar()
+    engine.dispose()
+    assert query == "select null as user_id where 1 = 0"
+    db.upgrade(state_url)
+    assert {"rules", "include_anonymous"} <= columns("audiences")
+    assert "layout" in columns("sources")

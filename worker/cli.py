@@ -418,7 +418,7 @@ def demo(
         "demo-output"
     ),
 ) -> None:
-    """Build a sample shop, sync three audiences to a file, churn, sync again."""
+    """Build a sample shop, sync four audiences (one of rules) to a file, churn, sync again."""
     from worker.demo import run_demo
 
     with _errors():

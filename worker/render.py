@@ -277,8 +277,17 @@ def compiled_audience(compiled: CompiledAudience) -> Text:
     lines = [header, compiled.sql.strip() + ";"]
     if compiled.params:
         lines.append("-- parameters:")
-        lines += [f"--   :{name} = {value!r}" for name, value in compiled.params.items()]
+        lines += [f"--   :{name} = {_sql_value(value)}" for name, value in compiled.params.items()]
     return Text("\n".join(lines))
+
+
+def _sql_value(value: Any) -> str:
+    """A parameter's value as it reads in SQL (shown, never spliced into the query)."""
+    if isinstance(value, datetime):
+        return repr(value.isoformat(" "))
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value)
 
 
 def preview_lines(preview: Preview) -> list[RenderableType]:
