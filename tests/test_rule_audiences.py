@@ -36,7 +36,7 @@ RULES: dict[str, Any] = {
             "count": {"at_least": 2},
             "within": "30d",
         },
-        {"any": [{"trait": {"plan": {"eq": "pro"}}}, {"in_audience": "vip_list"}]},
+        {"any": [{"trait": {"plan": {"in": ["pro", "team"]}}}, {"in_audience": "vip_list"}]},
         {"not": {"performed": "Page Viewed", "where": {"path": {"eq": "/cancel"}}, "within": "7d"}},
     ]
 }
@@ -248,6 +248,8 @@ def test_show_and_preview(
     # Values are parameters: `:name` in the SQL, the value in the comments after it.
     assert "'/cancel'" not in sql.stdout.split("-- parameters:")[0]
     assert "= '/cancel'" in sql.stdout
+    # Each value of an `in` list is a parameter of its own, as the database receives them.
+    assert "POSTCOMPILE" not in sql.stdout and "= 'team'" in sql.stdout
 
     plain = invoke("audiences", "show", "vip_list", "--sql")
     assert "select id as user_id, email from users where age >= 60;" in plain.stdout

@@ -28,7 +28,6 @@ from worker.rules import (
     compile_audience,
     parse_rules,
     reflect_layout,
-    render_sql,
 )
 from worker.rules.check import check_rules
 from worker.sources import SourceRow, check_query, source_engine, stream_source
@@ -247,10 +246,13 @@ class AudienceInspector:
         name = source_engine(target.url).dialect.name
         if isinstance(target.query, str):
             return CompiledAudience(key, name, target.query, {}, None)
-        # Named parameters (`:name`) on every dialect, so the SQL and its values read together.
+        # Named parameters (`:name`) on every dialect, so the SQL and its values read together;
+        # each value of an `in` list a parameter of its own, as the database receives them.
         dialect = registry.load(name)(paramstyle="named")
-        sql, params = render_sql(target.query, dialect)
-        return CompiledAudience(key, name, sql, params, target.now)
+        compiled = target.query.compile(
+            dialect=dialect, compile_kwargs={"render_postcompile": True}
+        )
+        return CompiledAudience(key, name, str(compiled), dict(compiled.params), target.now)
 
     def preview(self, key: str, *, limit: int) -> Preview:
         """The member count and the first `limit` members, as a run would snapshot them
