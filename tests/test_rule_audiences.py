@@ -21,7 +21,7 @@ from worker.domain import SyncRequest
 from worker.errors import ConfigError
 from worker.runtime import Runtime
 from worker.service import SyncService
-from worker.testing.factories import apply_file, sync_all
+from worker.testing.factories import apply_file, read_calls, sync_all
 from worker.testing.fake_destinations import FakeDestinations
 from worker.testing.guarantees import dump_database, error_lines, invoke, ortto_destination
 
@@ -348,6 +348,16 @@ BAD_INPUTS: dict[str, tuple[dict[str, Any], str]] = {
         {"audiences": _one_rule(_BIG), "source": {"layout": "segment", "users": "people"}},
         "the users table 'people' does not exist; tables: identifies, order_completed,",
     ),
+    "include_anonymous with a query": (
+        {
+            "audiences": [
+                {"name": "Repeat Buyers", "source": "warehouse", "destinations": ["ortto"]}
+                | {"query": "select id as user_id from users", "include_anonymous": True}
+            ]
+        },
+        "include_anonymous is for `rules:`; a query includes anonymous users by returning an "
+        "anonymous_id column",
+    ),
     "unknown combinator": (
         {"audiences": _one_rule({"every": [_BIG]})},
         "valid rules: all, any, not, performed, trait, in_audience",
@@ -477,3 +487,37 @@ def test_the_rules_migration_goes_down_and_up_on_both_backends(
     db.upgrade(state_url)
     assert {"rules", "include_anonymous"} <= columns("audiences")
     assert "layout" in columns("sources")
+
+
+def test_anonymous_visitors_are_members_with_include_anonymous(
+    tmp_path: Path, events: Engine, runtime: Runtime
+) -> None:
+    """A visitor never identified is a member by anonymous id; an anonymous event that an
+    identify call ties to a user counts for that user instead."""
+    shop = _shop()
+    shop.events["page_viewed"] += [
+        {"id": "v8", "user_id": None, "anonymous_id": "visitor-8", "timestamp": _ago(1)}
+        | {"path": "/pricing"},
+        {"id": "v9", "user_id": None, "anonymous_id": "a2", "timestamp": _ago(1)}
+        | {"path": "/pricing"},
+    ]
+    load(events, shop)
+    audiences = [
+        {
+            "name": "Pricing Viewers",
+            "source": "warehouse",
+            "rules": {"performed": "Page Viewed", "where": {"path": {"eq": "/pricing"}}},
+            "include_anonymous": True,
+            "destinations": ["ortto"],  # the name _config gives its one destination
+        }
+    ]
+    out = tmp_path / "identify.ndjson"
+    local = {"type": "file", "path": str(out)}
+    apply_file(runtime, _config(tmp_path, events, local, audiences=audiences))
+    [summary] = sync_all(runtime)
+    assert (summary.status, summary.members) == ("succeeded", 2)
+    calls = read_calls(out)
+    assert {(c.get("userId"), c.get("anonymousId")) for c in calls} == {
+        (None, "visitor-8"),
+        ("u2", None),
+    }
