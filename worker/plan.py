@@ -280,9 +280,9 @@ def _refusals(
                     f"audience {spec.name!r} would be created with the new key {spec.key!r} "
                     f"while {old.key!r}, which this file archives, has the same source and "
                     f"{'rules' if same_rules else 'query'}: a likely rename, which would "
-                    f"leave {old.key!r} true at the destinations. To keep the key, add the line `key: {old.key}` to the "
-                    f"audience {spec.name!r}; to create a new key anyway, pass "
-                    f"--allow-new-key {spec.key}"
+                    f"leave {old.key!r} true at the destinations. To keep the key, add the "
+                    f"line `key: {old.key}` to the audience {spec.name!r}; to create a new "
+                    f"key anyway, pass --allow-new-key {spec.key}"
                 )
                 break
     return refusals
