@@ -3,6 +3,7 @@ from the service's plain values to rich renderables and JSON records, shared by 
 the demo. Nothing here reads a database or prints."""
 
 import dataclasses
+import json
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -320,6 +321,8 @@ def _plan_value(value: Any) -> str:
         return ", ".join(str(v) for v in value) or "none"
     if value is None:
         return "none"
+    if isinstance(value, dict):  # a rule audience's rules (or a source's layout), in a line
+        return json.dumps(value, ensure_ascii=False)
     # A query over several lines reads as one line in a plan (spacing never matters to it).
     return " ".join(str(value).split())
 
@@ -327,9 +330,9 @@ def _plan_value(value: Any) -> str:
 def _plan_change(change: FieldChange, *, is_new: bool) -> list[str]:
     if is_new:
         return [f"  {change.field}: {_plan_value(change.after)}"]
-    if change.field == "query":
+    if change.field in ("query", "rules"):
         return [
-            "  query:",
+            f"  {change.field}:",
             f"    - {_plan_value(change.before)}",
             f"    + {_plan_value(change.after)}",
         ]
