@@ -521,3 +521,32 @@ def test_anonymous_visitors_are_members_with_include_anonymous(
         (None, "visitor-8"),
         ("u2", None),
     }
+
+
+def test_the_apply_plan_shows_a_rule_change_and_refuses_a_renamed_rule_audience(
+    tmp_path: Path, events: Engine, runtime: Runtime
+) -> None:
+    local = {"type": "file", "path": str(tmp_path / "identify.ndjson")}
+    apply_file(runtime, _config(tmp_path, events, local))
+    narrower = {"all": [*RULES["all"][:2], {"trait": {"age": {"lt": 65}}}]}
+    audiences = [
+        {"name": "Repeat Buyers", "source": "warehouse", "rules": narrower}
+        | {"destinations": ["ortto"], "include_anonymous": True},
+        {"name": "VIP List", "source": "warehouse", "destinations": ["ortto"]}
+        | {"query": "select id as user_id, email from users where age >= 60"},
+    ]
+    plan = runtime.service.plan(load_config(_config(tmp_path, events, local, audiences=audiences)))
+    [item] = [i for i in plan.items if i.name == KEY]
+    assert item.action == "change"
+    assert {c.field: (c.before, c.after) for c in item.changes} == {
+        "rules": (RULES, narrower),
+        "include_anonymous": (False, True),
+    }
+
+    # The same rules under a new name (so a new key) while the old key is archived.
+    renamed = [{"name": "Repeat Buyers 2", "source": "warehouse", "rules": RULES}]
+    renamed[0]["destinations"] = ["ortto"]
+    with pytest.raises(ConfigError, match="has the same source and rules: a likely rename"):
+        runtime.service.apply(
+            load_config(_config(tmp_path, events, local, audiences=[*renamed, audiences[1]]))
+        )
