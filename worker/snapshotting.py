@@ -7,6 +7,7 @@ from datetime import datetime
 from worker.audiences import RuleDefinition, compile_rules
 from worker.config import resolve_source_url
 from worker.context import ServiceContext
+from worker.domain import Progress
 from worker.repositories import snapshots as snapshot_repo
 from worker.sources import AudienceQuery, SourceRow, stream_source
 
@@ -27,12 +28,14 @@ def take_snapshot(
     url_template: str,
     query: str | None,
     timeout: float,
+    progress: Progress | None = None,
     rules: RuleDefinition | None = None,
     now: datetime | None = None,
 ) -> TakenSnapshot:
     """Stream the source into a new snapshot, in one transaction: a source failure or a
-    crash leaves no snapshot behind. A rule audience (`rules`) is compiled first, for `now`
-    (the run's start), and its SELECT streamed as a query is."""
+    crash leaves no snapshot behind. `progress` advances by each chunk's rows. A rule
+    audience (`rules`) is compiled first, for `now` (the run's start), and its SELECT
+    streamed as a query is."""
     began = time.monotonic()
     skipped: dict[str, int] = {}
     received = 0
@@ -60,6 +63,8 @@ def take_snapshot(
             received += len(rows)
             snapshot_repo.add_members(session, snapshot_id, rows)
             ctx.crash_point("writing_snapshot")
+            if progress is not None:
+                progress.advance(len(chunk))
         members = snapshot_repo.finish_snapshot(session, snapshot_id)
     if received > members:
         skipped["duplicate_id"] = received - members
