@@ -9,7 +9,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -29,7 +29,7 @@ from worker.domain import (
 )
 from worker.errors import ConfigError, DestinationError, NotFoundError, SourceError
 from worker.locking import heartbeat, lock_or_skip
-from worker.payloads import AudienceRef
+from worker.payloads import AudienceRef, SendAs
 from worker.repositories import audiences as audience_repo
 from worker.repositories import changes as change_repo
 from worker.repositories import failures as failure_repo
@@ -144,6 +144,13 @@ class RunLifecycle:
             audience = self._prepare_destination(opened)
         except (DestinationError, ConfigError) as exc:
             return self._end(opened, RunStatus.FAILED, str(exc))
+        if is_destination_reset(opened.audience, audience) and not request.is_full:
+            # The destination lost what it held (Ortto no longer had the audience and a new,
+            # empty one was made): this run sends every member, as a full run does.
+            request = replace(request, is_full=True)
+            plan = self._replan_full(opened, snapshot, request)
+            if plan.block:
+                return self._end(opened, RunStatus.BLOCKED, plan.block)
         self._ctx.crash_point("before_delivery")
         return opened.prepared(
             audience,
@@ -196,8 +203,11 @@ class RunLifecycle:
                 run_id=run.id,
                 pair_id=pair_id,
                 owner=owner,
-                audience=AudienceRef(
-                    audience.id, audience.key, audience.name, pair.external_field_id
+                audience=replace(
+                    AudienceRef(audience.id, audience.key, audience.name, pair.external_field_id),
+                    space_id=audience.space_id,
+                    send_as=SendAs(pair.send_as),
+                    external_name=pair.ortto_audience_name,
                 ),
                 destination_id=destination.id,
                 destination_name=destination.name,
@@ -267,8 +277,16 @@ class RunLifecycle:
             return opened.audience
         with self._ctx.unit_of_work() as session:
             audience_repo.set_field_id(session, opened.pair_id, field_id)
-        ref = opened.audience
-        return AudienceRef(ref.id, ref.key, ref.name, field_id)
+        return replace(opened.audience, field_id=field_id)
+
+    def _replan_full(
+        self, opened: OpenedRun, snapshot: TakenSnapshot, request: SyncRequest
+    ) -> Plan:
+        """Plan the run again as a full run (its planned changes replaced)."""
+        with self._ctx.unit_of_work() as session:
+            change_repo.drop_changes(session, opened.run_id)
+            run_repo.update_run(session, opened.run_id, mode=RunMode.FULL)
+        return self._plan(opened, snapshot, request)
 
     def finish_run(self, prepared: PreparedRun) -> RunSummary:
         """Close a run whose delivery is complete: succeeded, or partial with failures."""
@@ -356,6 +374,12 @@ class RunLifecycle:
             error=run.error,
             duration_seconds=round(duration, 3),
         )
+
+
+def is_destination_reset(before: AudienceRef, after: AudienceRef) -> bool:
+    """Whether preparing the destination replaced a destination-side id it had before: what
+    the old one held is gone, so the synced state says nothing about the new one."""
+    return before.field_id is not None and after.field_id != before.field_id
 
 
 def settle_stopped_runs(
