@@ -138,9 +138,7 @@ def test_membership_goes_in_batches_of_500_with_add_and_remove(fake: FakeDestina
     for item in fake.items("ortto-audiences"):
         assert KEY not in item["traits"]  # the boolean is the mode, never a trait
         assert set(item["traits"]) <= {"email"}
-    assert {"u1@example.com"} <= {
-        i["traits"].get("email") for i in fake.items("ortto-audiences")
-    }
+    assert {"u1@example.com"} <= {i["traits"].get("email") for i in fake.items("ortto-audiences")}
 
 
 def test_per_item_errors_reject_those_members_only(fake: FakeDestinations) -> None:
