@@ -64,6 +64,9 @@ class Change:
     # The run that recorded the destination's current value for this user (None: never told).
     # Part of the messageId, so a retry repeats the id and a later change gets a new one.
     previous_run_id: int | None
+    # A member identified by its user id may also have an anonymous id: it travels with the
+    # user id (Engage sends both, which lets the destination link the anonymous profile).
+    anonymous_id: str | None = None
 
 
 def message_id(audience_id: int, destination_id: int, change: Change, *, kind: str = "") -> str:
@@ -102,6 +105,14 @@ def segment_timestamp(now: datetime) -> str:
     return now.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def call_ids(change: Change) -> dict[str, str | None]:
+    """`userId` and `anonymousId` of a call: the member's id in its place, and the anonymous
+    id that travels with a user id, when the member has both."""
+    if change.is_anonymous:
+        return {"userId": None, "anonymousId": change.member_id}
+    return {"userId": change.member_id, "anonymousId": change.anonymous_id}
+
+
 def identify_call(
     audience: AudienceRef, destination_id: int, change: Change, *, now: datetime
 ) -> dict[str, Any]:
@@ -111,8 +122,7 @@ def identify_call(
         traits["email"] = change.email
     return {
         "type": "identify",
-        "userId": None if change.is_anonymous else change.member_id,
-        "anonymousId": change.member_id if change.is_anonymous else None,
+        **call_ids(change),
         "traits": traits,
         "context": {"personas": personas_context(audience)},
         "messageId": message_id(audience.id, destination_id, change),
@@ -132,8 +142,7 @@ def track_call(
     return {
         "type": "track",
         "event": ENTERED_EVENT if change.value else EXITED_EVENT,
-        "userId": None if change.is_anonymous else change.member_id,
-        "anonymousId": change.member_id if change.is_anonymous else None,
+        **call_ids(change),
         "properties": {"audience_key": audience.key, audience.key: change.value},
         "context": context,
         "messageId": message_id(audience.id, destination_id, change, kind="track"),

@@ -207,3 +207,12 @@ def test_segment_sends_tracks_in_the_batch(fake: FakeDestinations) -> None:
     truth = {c.member_id: c.value for c in changes}
     assert fake.state("segment")[KEY] == truth
     assert fake.state("segment-track")[KEY] == truth
+
+
+def test_a_member_with_both_ids_sends_both_in_every_call() -> None:
+    change = Change("u_5", False, None, True, None, anonymous_id="anon_5")
+    for send_as in SendAs:
+        for call in delivery_calls(replace(AUDIENCE, send_as=send_as), 1, [change], now=NOW):
+            assert (call["userId"], call["anonymousId"]) == ("u_5", "anon_5")
+    anonymous = Change("anon_6", True, None, True, None)
+    assert identify_call(AUDIENCE, 1, anonymous, now=NOW)["userId"] is None

@@ -224,3 +224,29 @@ def test_ortto_audiences_matches_segments_ortto_audiences() -> None:
     assert len(recorder.requests) == 3
     for request, expected in zip(recorder.requests, [create, get, members], strict=True):
         assert_sent(request, expected)
+
+
+def test_a_member_with_both_ids_matches_segments_ortto_integrations() -> None:
+    identify, members = fixture("ortto_both_ids.json")["requests"]
+    [contact], [member] = identify["body"], members["body"]
+    change = Change("u_5", False, "eve@example.com", True, None, anonymous_id="anon_5")
+    settings = OrttoSettings(api_key=SecretStr("pau-abcdef123456"), rate_limit="1000/s")
+    recorder = Recorder({})
+    client = OrttoDestination("ortto", settings=settings, http=FAST, transport=recorder.transport)
+    call = identify_call(AUDIENCE, 1, change, now=NOW)
+    assert (call["userId"], call["anonymousId"]) == ("u_5", "anon_5")
+    deliver_all(client, [[{**call, "messageId": contact["message_id"]}]])
+    native = OrttoAudiencesDestination(
+        "ortto-audiences",
+        settings=OrttoAudiencesSettings(api_key=SecretStr("pau-abcdef123456"), rate_limit="1000/s"),
+        http=FAST,
+        transport=recorder.transport,
+    )
+    audience = replace(AUDIENCE, field_id="ortto_aud_123")
+    try:
+        assert native.deliver(audience, [{**call, "messageId": member["message_id"]}]) == []
+    finally:
+        native.close()
+    assert len(recorder.requests) == 2
+    assert_sent(recorder.requests[0], identify)
+    assert_sent(recorder.requests[1], members)
