@@ -58,6 +58,8 @@ class OpenedRun:
     query: str
     max_exit_fraction: float
     started: float  # time.monotonic() when the run was asked for
+    # The destination lost what it held (see `is_destination_reset`): this run is full.
+    is_full_owed: bool = False
 
     def prepared(
         self,
@@ -122,6 +124,8 @@ class RunLifecycle:
         opened = self.open_run(pair_id, request)
         if isinstance(opened, RunSummary):
             return opened
+        if opened.is_full_owed:
+            request = replace(request, is_full=True)
         self._ctx.crash_point("after_lock")
         try:
             with heartbeat(self._ctx, pair_id, opened.owner):
@@ -187,11 +191,16 @@ class RunLifecycle:
             if is_archive or not request.is_dry_run:
                 settle_stopped_runs(session, audience.id, destination.id, now=now)
             has_state = synced_repo.has_state(session, audience.id, destination.id)
+            is_full_owed = pair.is_full_sync_owed and not (is_archive or request.is_dry_run)
             run = run_repo.create_run(
                 session,
                 audience_id=audience.id,
                 destination_id=destination.id,
-                mode=run_mode(request, has_state=has_state, is_archive=is_archive),
+                mode=run_mode(
+                    replace(request, is_full=request.is_full or is_full_owed),
+                    has_state=has_state,
+                    is_archive=is_archive,
+                ),
                 trigger=request.trigger,
                 now=now,
             )
@@ -218,6 +227,7 @@ class RunLifecycle:
                 query=audience.query,
                 max_exit_fraction=audience.max_exit_fraction,
                 started=started,
+                is_full_owed=is_full_owed,
             )
 
     def _plan(self, opened: OpenedRun, snapshot: TakenSnapshot, request: SyncRequest) -> Plan:
@@ -275,9 +285,17 @@ class RunLifecycle:
         field_id = client.prepare(opened.audience)
         if field_id == opened.audience.field_id:
             return opened.audience
+        prepared = replace(opened.audience, field_id=field_id)
         with self._ctx.unit_of_work() as session:
-            audience_repo.set_field_id(session, opened.pair_id, field_id)
-        return replace(opened.audience, field_id=field_id)
+            # A replaced id owes the pair a full run until one completes, whatever becomes
+            # of this one (blocked, failed, killed).
+            audience_repo.set_field_id(
+                session,
+                opened.pair_id,
+                field_id,
+                is_full_sync_owed=is_destination_reset(opened.audience, prepared),
+            )
+        return prepared
 
     def _replan_full(
         self, opened: OpenedRun, snapshot: TakenSnapshot, request: SyncRequest
@@ -300,6 +318,8 @@ class RunLifecycle:
                 else None
             )
             failure_repo.forget_moot(session, prepared.scope)
+            if prepared.is_full:
+                audience_repo.settle_full_sync(session, prepared.pair_id)
             if run.sent >= run_repo.ANALYZE_AFTER_SENT:
                 synced_repo.refresh_statistics(session)
             in_use = run_repo.snapshots_in_use(session, prepared.audience.id)

@@ -1,5 +1,5 @@
 """Engage outputs: the workspace's space id per audience; per pair, what changes are sent as
-(`send_as`) and the name of its native Ortto audience
+(`send_as`), the name of its native Ortto audience, and whether it owes a full run
 
 Revision ID: 0007
 Revises: 0003
@@ -30,10 +30,14 @@ def upgrade() -> None:
             sa.Column("send_as", sa.String(length=10), server_default="identify", nullable=False)
         )
         batch.add_column(sa.Column("ortto_audience_name", sa.String(length=200), nullable=True))
+        batch.add_column(
+            sa.Column("is_full_sync_owed", sa.Boolean(), server_default=sa.false(), nullable=False)
+        )
 
 
 def downgrade() -> None:
     with op.batch_alter_table("audience_destinations") as batch:
+        batch.drop_column("is_full_sync_owed")
         batch.drop_column("ortto_audience_name")
         batch.drop_column("send_as")
     with op.batch_alter_table("audiences") as batch:

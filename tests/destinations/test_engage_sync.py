@@ -353,3 +353,29 @@ def test_a_kill_during_both_delivery_converges(
         assert wrong_values(folded(calls, kind), shop.members("a")) == {}
     # The unrecorded page is sent again, both calls of each change; nothing else twice.
     assert Counter(t for t, _, _ in calls) == {"identify": 1600, "track": 1600}
+
+
+def test_a_recreated_audience_is_owed_a_full_run_until_one_completes(
+    tmp_path: Path, shop: ShopSource, runtime: Runtime, fake: FakeDestinations
+) -> None:
+    shop.add((_user(i), None, int(i < 30), 0, 0) for i in range(40))
+    _apply(runtime, tmp_path, shop, fake, ["native"])
+    [pair] = runtime.service.select_pairs(audience_keys=[KEY])
+    assert runtime.service.sync_pair(pair, SyncRequest()).sent == 30
+    first = _pair_field(runtime)
+    assert first is not None
+    fake.delete_audience(first)
+    # The run that recreates it fails delivering: Ortto answers 503 to each of its attempts.
+    attempts = runtime.settings.max_attempts
+    fake.add_fault("server_error", count=attempts, status=503, path="/v1/audiences/members")
+    failed = runtime.service.sync_pair(pair, SyncRequest())
+    assert (failed.status, failed.mode) == ("failed", "full")
+    second = _pair_field(runtime)
+    assert second not in (None, first)
+    # The next run is full again, though Ortto has the new audience: it still lacks members.
+    again = runtime.service.sync_pair(pair, SyncRequest())
+    assert (again.status, again.mode, again.sent) == ("succeeded", "full", 30)
+    assert fake.state("ortto-audiences")[str(second)] == dict.fromkeys(
+        (_user(i) for i in range(30)), True
+    )
+    assert runtime.service.sync_pair(pair, SyncRequest()).mode == "incremental"

@@ -137,11 +137,28 @@ def release_lock(session: Session, pair_id: int, owner: str) -> None:
     )
 
 
-def set_field_id(session: Session, pair_id: int, field_id: str | None) -> None:
+def set_field_id(
+    session: Session, pair_id: int, field_id: str | None, *, is_full_sync_owed: bool = False
+) -> None:
+    """Store the pair's destination-side id; `is_full_sync_owed` when it replaces an id whose
+    object the destination lost (the pair's next completed run must be full)."""
+    values: dict[str, Any] = {"external_field_id": field_id}
+    if is_full_sync_owed:
+        values["is_full_sync_owed"] = True
     session.execute(
         update(AudienceDestination)
         .where(AudienceDestination.id == pair_id)
-        .values(external_field_id=field_id)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def settle_full_sync(session: Session, pair_id: int) -> None:
+    """A full run of the pair completed: it owes none."""
+    session.execute(
+        update(AudienceDestination)
+        .where(AudienceDestination.id == pair_id, AudienceDestination.is_full_sync_owed.is_(True))
+        .values(is_full_sync_owed=False)
         .execution_options(synchronize_session=False)
     )
 
