@@ -127,6 +127,19 @@ class RunLifecycle:
         if opened.is_full_owed:
             request = replace(request, is_full=True)
         self._ctx.crash_point("after_lock")
+        audience = opened.audience
+        if audience.field_id is not None and not request.is_dry_run:
+            # Before planning, check the destination still has what the pair's id names: one
+            # that lost it (an Ortto audience deleted) gets a new, empty one, and this run is
+            # then full.
+            try:
+                audience = self._prepare_destination(opened)
+            except (DestinationError, ConfigError) as exc:
+                return self._end(opened, RunStatus.FAILED, str(exc))
+            if is_destination_reset(opened.audience, audience) and not request.is_full:
+                request = replace(request, is_full=True)
+                with self._ctx.unit_of_work() as session:
+                    run_repo.update_run(session, opened.run_id, mode=RunMode.FULL)
         try:
             with heartbeat(self._ctx, pair_id, opened.owner):
                 snapshot = take_snapshot(
@@ -144,17 +157,11 @@ class RunLifecycle:
             return self._end(opened, RunStatus.BLOCKED, plan.block)
         if request.is_dry_run:
             return self._end(opened, RunStatus.SUCCEEDED, None)
-        try:
-            audience = self._prepare_destination(opened)
-        except (DestinationError, ConfigError) as exc:
-            return self._end(opened, RunStatus.FAILED, str(exc))
-        if is_destination_reset(opened.audience, audience) and not request.is_full:
-            # The destination lost what it held (Ortto no longer had the audience and a new,
-            # empty one was made): this run sends every member, as a full run does.
-            request = replace(request, is_full=True)
-            plan = self._replan_full(opened, snapshot, request)
-            if plan.block:
-                return self._end(opened, RunStatus.BLOCKED, plan.block)
+        if audience.field_id is None:
+            try:
+                audience = self._prepare_destination(opened)
+            except (DestinationError, ConfigError) as exc:
+                return self._end(opened, RunStatus.FAILED, str(exc))
         self._ctx.crash_point("before_delivery")
         return opened.prepared(
             audience,
@@ -296,15 +303,6 @@ class RunLifecycle:
                 is_full_sync_owed=is_destination_reset(opened.audience, prepared),
             )
         return prepared
-
-    def _replan_full(
-        self, opened: OpenedRun, snapshot: TakenSnapshot, request: SyncRequest
-    ) -> Plan:
-        """Plan the run again as a full run (its planned changes replaced)."""
-        with self._ctx.unit_of_work() as session:
-            change_repo.drop_changes(session, opened.run_id)
-            run_repo.update_run(session, opened.run_id, mode=RunMode.FULL)
-        return self._plan(opened, snapshot, request)
 
     def finish_run(self, prepared: PreparedRun) -> RunSummary:
         """Close a run whose delivery is complete: succeeded, or partial with failures."""
