@@ -3,8 +3,17 @@
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint
-from sqlalchemy import false as sa_false
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    false,
+)
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from models.base import Base, UTCDateTime
@@ -75,14 +84,12 @@ class AudienceDestination(Base):
     send_as: Mapped[str] = mapped_column(String(10), default="identify", server_default="identify")
     # The name the pair's native Ortto audience is created with (None: the audience's name).
     ortto_audience_name: Mapped[str | None] = mapped_column(String(200))
-    # The destination lost what it held (a native Ortto audience created again): the pair's
-    # runs are full until one completes.
-    is_full_sync_owed: Mapped[bool] = mapped_column(
-        Boolean, default=False, server_default=sa_false()
-    )
     # Run lock: a run holds it while it works; an expired lock is free again.
     lock_owner: Mapped[str | None] = mapped_column(String(100))
     lock_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Set when a full run starts, cleared when one finishes: a full run that died or was
+    # stopped leaves it set, and the pair's next run is full.
+    is_full_sync_owed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     audience: Mapped[Audience] = relationship(back_populates="links")
     destination: Mapped[Destination] = relationship()

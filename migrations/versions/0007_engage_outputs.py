@@ -1,8 +1,8 @@
 """Engage outputs: the workspace's space id per audience; per pair, what changes are sent as
-(`send_as`), the name of its native Ortto audience, and whether it owes a full run
+(`send_as`) and the name of its native Ortto audience
 
 Revision ID: 0007
-Revises: 0003
+Revises: 0005
 Create Date: 2026-11-28
 """
 
@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0007"
-down_revision: str | None = "0003"
+down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -30,14 +30,10 @@ def upgrade() -> None:
             sa.Column("send_as", sa.String(length=10), server_default="identify", nullable=False)
         )
         batch.add_column(sa.Column("ortto_audience_name", sa.String(length=200), nullable=True))
-        batch.add_column(
-            sa.Column("is_full_sync_owed", sa.Boolean(), server_default=sa.false(), nullable=False)
-        )
 
 
 def downgrade() -> None:
     with op.batch_alter_table("audience_destinations") as batch:
-        batch.drop_column("is_full_sync_owed")
         batch.drop_column("ortto_audience_name")
         batch.drop_column("send_as")
     with op.batch_alter_table("audiences") as batch:

@@ -137,28 +137,11 @@ def release_lock(session: Session, pair_id: int, owner: str) -> None:
     )
 
 
-def set_field_id(
-    session: Session, pair_id: int, field_id: str | None, *, is_full_sync_owed: bool = False
-) -> None:
-    """Store the pair's destination-side id; `is_full_sync_owed` when it replaces an id whose
-    object the destination lost (the pair's next completed run must be full)."""
-    values: dict[str, Any] = {"external_field_id": field_id}
-    if is_full_sync_owed:
-        values["is_full_sync_owed"] = True
+def set_field_id(session: Session, pair_id: int, field_id: str | None) -> None:
     session.execute(
         update(AudienceDestination)
         .where(AudienceDestination.id == pair_id)
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-
-
-def settle_full_sync(session: Session, pair_id: int) -> None:
-    """A full run of the pair completed: it owes none."""
-    session.execute(
-        update(AudienceDestination)
-        .where(AudienceDestination.id == pair_id, AudienceDestination.is_full_sync_owed.is_(True))
-        .values(is_full_sync_owed=False)
+        .values(external_field_id=field_id)
         .execution_options(synchronize_session=False)
     )
 
@@ -252,3 +235,23 @@ def archive_audience(session: Session, audience: Audience, *, now: datetime) -> 
     audience.is_archived = True
     audience.updated_at = now
     return True
+
+
+def set_full_sync_owed(session: Session, pair_id: int, *, is_owed: bool) -> None:
+    """Note that the pair owes a full sync (a full run started) or no longer does (a full
+    run finished)."""
+    session.execute(
+        update(AudienceDestination)
+        .where(AudienceDestination.id == pair_id)
+        .values(is_full_sync_owed=is_owed)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def pair_of(session: Session, audience_id: int, destination_id: int) -> AudienceDestination | None:
+    return session.scalar(
+        select(AudienceDestination).where(
+            AudienceDestination.audience_id == audience_id,
+            AudienceDestination.destination_id == destination_id,
+        )
+    )
