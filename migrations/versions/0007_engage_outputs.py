@@ -1,5 +1,6 @@
 """Engage outputs: the workspace's space id per audience; per pair, what changes are sent as
-(`send_as`) and the name of its native Ortto audience
+(`send_as`) and the name of its native Ortto audience; the anonymous id that travels with
+a user id, in the synced state and a run's changes
 
 Revision ID: 0007
 Revises: 0005
@@ -31,8 +32,17 @@ def upgrade() -> None:
         )
         batch.add_column(sa.Column("ortto_audience_name", sa.String(length=200), nullable=True))
 
+    # Both ids: existing rows keep their values; a member's anonymous id is learnt from the
+    # source by the next run that sends it.
+    for table in ("synced_members", "run_changes"):
+        with op.batch_alter_table(table) as batch:
+            batch.add_column(sa.Column("anonymous_id", sa.String(length=255), nullable=True))
+
 
 def downgrade() -> None:
+    for table in ("run_changes", "synced_members"):
+        with op.batch_alter_table(table) as batch:
+            batch.drop_column("anonymous_id")
     with op.batch_alter_table("audience_destinations") as batch:
         batch.drop_column("ortto_audience_name")
         batch.drop_column("send_as")
