@@ -40,10 +40,11 @@ from worker.locking import (
     run_state,
     where_this_runs,
 )
-from worker.payloads import AudienceRef, Change
+from worker.payloads import AudienceRef, Change, SendAs
 from worker.repositories import audiences as audience_repo
 from worker.repositories import changes as change_repo
 from worker.repositories import failures as failure_repo
+from worker.repositories import maintenance as maintenance_repo
 from worker.repositories import runs as run_repo
 from worker.repositories import snapshots as snapshot_repo
 from worker.repositories import synced as synced_repo
@@ -154,6 +155,19 @@ class RunLifecycle:
         if opened.is_full and not request.is_full:
             # The pair owes a full sync: this run is one, whatever was asked.
             request = replace(request, is_full=True, trigger=Trigger.FULL_OWED)
+        audience = opened.audience
+        if audience.field_id is not None and not request.is_dry_run:
+            # Before planning, check the destination still has what the pair's id names: one
+            # that lost it (an Ortto audience deleted) gets a new, empty one, and the pair
+            # then owes a full sync, starting with this run.
+            try:
+                audience = self._prepare_destination(opened)
+            except (DestinationError, ConfigError) as exc:
+                return self._end(opened, RunStatus.FAILED, str(exc))
+            if is_destination_reset(opened.audience, audience) and not request.is_full:
+                request = replace(request, is_full=True)
+                with self._ctx.unit_of_work() as session:
+                    run_repo.update_run(session, opened.run_id, mode=RunMode.FULL)
         name = f"{opened.audience.key} -> {opened.destination_name}"
         shown = self._ctx.progress()
         shown.start(f"{name}: reading the source into a snapshot", 0)
@@ -166,6 +180,7 @@ class RunLifecycle:
                     url_template=opened.source_url,
                     query=opened.query,
                     timeout=opened.source_timeout,
+                    run_id=opened.run_id,
                     progress=shown,
                     rules=opened.rules,
                     now=opened.started_at,
@@ -204,10 +219,11 @@ class RunLifecycle:
             return self._end(opened, RunStatus.BLOCKED, plan.block)
         if request.is_dry_run:
             return self._end(opened, RunStatus.SUCCEEDED, None)
-        try:
-            audience = self._prepare_destination(opened)
-        except (DestinationError, ConfigError) as exc:
-            return self._end(opened, RunStatus.FAILED, str(exc))
+        if audience.field_id is None:
+            try:
+                audience = self._prepare_destination(opened)
+            except (DestinationError, ConfigError) as exc:
+                return self._end(opened, RunStatus.FAILED, str(exc))
         self._ctx.crash_point("before_delivery")
         return opened.prepared(
             audience,
@@ -241,6 +257,7 @@ class RunLifecycle:
             if skipped is not None:
                 return self.summarize(skipped, audience.key, destination.name, started)
             run_repo.close_interrupted_runs(session, audience.id, destination.id, now=now)
+            snapshot_repo.drop_stale_staging(session)
             if is_archive or not request.is_dry_run:
                 settle_stopped_runs(session, audience.id, destination.id, now=now)
             has_state = synced_repo.has_state(session, audience.id, destination.id)
@@ -272,8 +289,11 @@ class RunLifecycle:
                 run_id=run.id,
                 pair_id=pair_id,
                 owner=owner,
-                audience=AudienceRef(
-                    audience.id, audience.key, audience.name, pair.external_field_id
+                audience=replace(
+                    AudienceRef(audience.id, audience.key, audience.name, pair.external_field_id),
+                    space_id=audience.space_id,
+                    send_as=SendAs(pair.send_as),
+                    external_name=pair.ortto_audience_name,
                 ),
                 destination_id=destination.id,
                 destination_name=destination.name,
@@ -346,6 +366,13 @@ class RunLifecycle:
                 change_repo.drop_changes(session, opened.run_id)
                 snapshot_repo.delete_snapshot(session, snapshot.snapshot_id)
                 run_repo.update_run(session, opened.run_id, snapshot_id=None)
+            else:
+                # Only the difference from the current membership is written; the staging
+                # table stays until the run ends (see end_run).
+                snapshot_repo.apply_snapshot(
+                    session, audience_id, snapshot.snapshot_id, now=self._ctx.clock()
+                )
+                self._ctx.crash_point("writing_change_log")
         return Plan(to_enter, to_exit, has_failing, block, seconds)
 
     def _prepare_destination(self, opened: OpenedRun) -> AudienceRef:
@@ -355,10 +382,14 @@ class RunLifecycle:
         field_id = client.prepare(opened.audience)
         if field_id == opened.audience.field_id:
             return opened.audience
+        prepared = replace(opened.audience, field_id=field_id)
         with self._ctx.unit_of_work() as session:
             audience_repo.set_field_id(session, opened.pair_id, field_id)
-        ref = opened.audience
-        return AudienceRef(ref.id, ref.key, ref.name, field_id)
+            if is_destination_reset(opened.audience, prepared):
+                # What the old id held is gone: the pair owes a full sync until one
+                # finishes, whatever becomes of this run (blocked, failed, killed).
+                audience_repo.set_full_sync_owed(session, opened.pair_id, is_owed=True)
+        return prepared
 
     def finish_run(self, prepared: PreparedRun) -> RunSummary:
         """Close a run whose delivery is complete: succeeded, or partial with failures."""
@@ -383,6 +414,12 @@ class RunLifecycle:
                 keep=self._ctx.settings.snapshots_kept,
                 protect={prepared.snapshot_id} | in_use,
             )
+            retention = timedelta(days=self._ctx.settings.membership_log_retention_days)
+            snapshot_repo.prune_log(
+                session, prepared.audience.id, before=self._ctx.clock() - retention
+            )
+            changes = prepared.to_enter + prepared.to_exit
+        maintenance_repo.reclaim_space(self._ctx.sessions, changes=changes)
         return self.end_run(prepared.run_id, prepared.pair_id, prepared.lock_owner, status, error)
 
     def fail_run(self, prepared: PreparedRun, error: str) -> RunSummary:
@@ -487,6 +524,8 @@ class RunLifecycle:
                 # Changes a failed run leaves behind are settled by the pair's next run.
                 run_repo.update_run(session, run_id, status=status, error=error, finished_at=now)
                 audience_repo.release_lock(session, pair_id, owner)
+                if current is not None and current.snapshot_id is not None:
+                    snapshot_repo.drop_staging(session, current.snapshot_id)
             run = run_repo.get_run(session, run_id)
             pair = audience_repo.pair_by_id(session, pair_id)
             assert run is not None and pair is not None
@@ -523,6 +562,12 @@ class RunLifecycle:
             error=run.error,
             duration_seconds=round(duration, 3),
         )
+
+
+def is_destination_reset(before: AudienceRef, after: AudienceRef) -> bool:
+    """Whether preparing the destination replaced a destination-side id it had before: what
+    the old one held is gone, so the synced state says nothing about the new one."""
+    return before.field_id is not None and after.field_id != before.field_id
 
 
 def rate(count: int, seconds: float) -> str:

@@ -1,10 +1,17 @@
-"""Reading audience membership from a source database: read-only, time-limited, streamed."""
+"""Reading audience membership from a source database: read-only, time-limited, streamed.
+
+Two paths. The streamed path reads rows in chunks and cleans them in Python (any source,
+any state database). The COPY path, from a PostgreSQL source into a PostgreSQL state
+database, hands over the raw bytes of `COPY (query) TO STDOUT` for the state database to
+load with `COPY ... FROM STDIN` and clean in SQL: rows never become Python objects.
+"""
 
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from sqlalchemy import (
     URL,
     Connection,
@@ -37,6 +44,9 @@ class SourceRow:
     member_id: str
     is_anonymous: bool
     email: str | None
+    # The anonymous id of a member identified by its user id, when the source has both: it
+    # travels with the member and is sent, but is not its identity.
+    anonymous_id: str | None = None
 
     @property
     def is_padded(self) -> bool:
@@ -50,9 +60,10 @@ def clean_row(user_id: Any, anonymous_id: Any, email: Any) -> SourceRow | str:
 
     The id is the exact text the source returned: never stripped nor case-folded, so
     ' alice ' and 'alice' are two users. Only a NULL or empty id (nothing but whitespace
-    counts as empty) is no id. `user_id` wins over `anonymous_id` when both are present. An
-    email that cannot be valid (empty, over 255 characters, a NUL character) is dropped, not
-    the member.
+    counts as empty) is no id. `user_id` wins over `anonymous_id` when both are present: it is
+    the member's identity, and the anonymous id travels with it (one that could not be an id,
+    empty, too long or with a NUL character, is dropped). An email that cannot be valid
+    (empty, over 255 characters, a NUL character) is dropped, not the member.
     """
     for value, is_anonymous in ((user_id, False), (anonymous_id, True)):
         if value is None:
@@ -66,9 +77,20 @@ def clean_row(user_id: Any, anonymous_id: Any, email: Any) -> SourceRow | str:
             return "invalid_id"
         clean_email = str(email).strip() if email is not None else ""
         if not clean_email or len(clean_email) > MAX_EMAIL_LENGTH or "\x00" in clean_email:
-            return SourceRow(member_id, is_anonymous, None)
-        return SourceRow(member_id, is_anonymous, clean_email)
+            clean_email = ""
+        other = None if is_anonymous else travelling_anonymous_id(anonymous_id)
+        return SourceRow(member_id, is_anonymous, clean_email or None, other)
     return "null_id"
+
+
+def travelling_anonymous_id(value: Any) -> str | None:
+    """The anonymous id that travels with a user id, or None when it could not be an id."""
+    if value is None:
+        return None
+    text_ = str(value)
+    if not text_.strip() or len(text_) > MAX_ID_LENGTH or "\x00" in text_:
+        return None
+    return text_
 
 
 _engines: dict[str, Engine] = {}
@@ -163,6 +185,134 @@ def stream_source(
         raise SourceError(f"source {source_name}: {exc}") from None
 
 
+# Column types whose PostgreSQL text form is what Python's str() gives the streamed path
+# (text, varchar, int2, int4, int8, uuid), so both paths keep the very same ids and emails.
+_COPY_SAFE_TYPES = {25, 1043, 21, 23, 20, 2950}
+
+
+def copy_statement(
+    url: str, query: AudienceQuery, *, timeout_seconds: float, source_name: str
+) -> str | None:
+    """The `COPY (...) TO STDOUT` statement that reads the query's user_id, anonymous_id and
+    email as text, or None when the source cannot take the COPY path (not PostgreSQL, or a
+    column whose text form could differ from the streamed path's).
+
+    Raises SourceError when the source fails, as `stream_source` does.
+    """
+    try:
+        if make_url(_driver_url(url)).get_backend_name() != "postgresql":
+            return None
+    except ArgumentError:
+        return None  # the streamed path says what is wrong with the URL
+    engine = source_engine(url)
+    try:
+        with engine.connect() as connection, connection.begin():
+            _begin_read_only(connection, timeout_seconds)
+            raw: Any = connection.connection.driver_connection
+            if not isinstance(query, str):
+                query = _client_bound(query, connection)
+            with raw.cursor() as cursor:
+                # On lines of its own: a `--` comment ending the query must not hide the `)`.
+                cursor.execute(f"SELECT * FROM (\n{query}\n) AS q LIMIT 0")
+                description = list(cursor.description or [])
+    except DBAPIError as exc:
+        raise SourceError(f"source {source_name}: {_db_message(exc)}") from None
+    except SQLAlchemyError as exc:
+        raise SourceError(f"source {source_name}: {exc}") from None
+    except psycopg.Error as exc:
+        raise SourceError(f"source {source_name}: {_driver_message(exc)}") from None
+    names = [str(column.name) for column in description]
+    lowered = [name.lower() for name in names]
+    _column_positions(lowered, source_name)
+    selected = []
+    for wanted in ("user_id", "anonymous_id", "email"):
+        if wanted not in lowered:
+            selected.append("NULL")
+            continue
+        if lowered.count(wanted) > 1:
+            return None
+        column = description[lowered.index(wanted)]
+        if column.type_code not in _COPY_SAFE_TYPES:
+            return None
+        quoted = '"' + column.name.replace('"', '""') + '"'
+        selected.append(f"q.{quoted}::text")
+    return f"COPY (SELECT {', '.join(selected)} FROM (\n{query}\n) AS q) TO STDOUT"
+
+
+def _client_bound(query: Select[Any], connection: Connection) -> str:
+    """A compiled SELECT as SQL text for COPY, which takes no server-side parameters: its
+    values are bound by the driver, as psycopg binds a COPY's parameters, never pasted in
+    by this code."""
+    compiled = query.compile(
+        dialect=connection.dialect, compile_kwargs={"render_postcompile": True}
+    )
+    raw: Any = connection.connection.driver_connection
+    return psycopg.ClientCursor(raw).mogrify(str(compiled), compiled.params)
+
+
+def copy_rows(
+    url: str, statement: str, *, timeout_seconds: float, fetch_size: int, source_name: str
+) -> Iterator[list[memoryview]]:
+    """Run a `copy_statement` and yield its rows in blocks of `fetch_size`, each row the
+    COPY text bytes the source sent (user_id, anonymous_id, email; never decoded here).
+
+    Raises SourceError for anything the source does wrong: the caller keeps nothing.
+    """
+    engine = source_engine(url)
+    try:
+        with engine.connect() as connection, connection.begin():
+            _begin_read_only(connection, timeout_seconds)
+            raw: Any = connection.connection.driver_connection
+            with raw.cursor() as cursor, cursor.copy(statement) as copy:
+                block: list[memoryview] = []
+                for data in _copy_data(copy, raw.pgconn):
+                    block.append(data)
+                    if len(block) >= fetch_size:
+                        yield block
+                        block = []
+                if block:
+                    yield block
+    except DBAPIError as exc:
+        raise SourceError(f"source {source_name}: {_db_message(exc)}") from None
+    except SQLAlchemyError as exc:
+        raise SourceError(f"source {source_name}: {exc}") from None
+    except psycopg.Error as exc:
+        raise SourceError(f"source {source_name}: {_driver_message(exc)}") from None
+
+
+def _copy_data(copy: Any, pgconn: Any) -> Iterator[memoryview]:
+    """The rows of a COPY TO, as the driver receives them.
+
+    Rows already received are taken straight from libpq, without the driver's wait loop
+    around each one (which costs more than the row); the driver waits when none is there.
+    Needs the driver's COPY object to say it is finished; where it cannot, the driver's own
+    iteration is used.
+    """
+    if not hasattr(copy, "_finished"):
+        yield from copy
+        return
+    get_copy_data = pgconn.get_copy_data
+    while True:
+        size, data = get_copy_data(1)  # 1: do not block
+        if size > 0:
+            yield data
+        elif size == 0:  # nothing received yet: let the driver wait for the next row
+            data = copy.read()
+            if not data:
+                return
+            yield data
+        else:  # the COPY ended (-1) or failed (-2): take its outcome as the driver would
+            copy._finished = True
+            results = []
+            while (result := pgconn.get_result()) is not None:
+                results.append(result)
+            if size == -2 or not results:
+                raise psycopg.OperationalError(pgconn.error_message.decode(errors="replace"))
+            if results[0].status != psycopg.pq.ExecStatus.COMMAND_OK:
+                raise psycopg.errors.error_from_result(results[0])
+            return
+
+
 def check_query(
     url: str, query: AudienceQuery, *, timeout_seconds: float, source_name: str
 ) -> list[str]:
@@ -220,6 +370,15 @@ def _clean(row: Any, positions: tuple[int | None, ...]) -> SourceRow | str:
 
 def _db_message(exc: DBAPIError) -> str:
     message = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+    return _timeout_message(message)
+
+
+def _driver_message(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return _timeout_message(lines[0] if lines else type(exc).__name__)
+
+
+def _timeout_message(message: str) -> str:
     if "interrupted" in message or "statement timeout" in message:
         return f"the query ran past its statement timeout ({message})"
     return message
