@@ -19,8 +19,10 @@ from worker import db
 from worker.config import load_config
 from worker.domain import SyncRequest
 from worker.errors import ConfigError
+from worker.rules import LayoutSpec, compile_audience, parse_rules, reflect_layout
 from worker.runtime import Runtime
 from worker.service import SyncService
+from worker.sources import copy_rows, copy_statement, dispose_source_engines
 from worker.testing.factories import apply_file, read_calls, sync_all
 from worker.testing.fake_destinations import FakeDestinations
 from worker.testing.guarantees import dump_database, error_lines, invoke, ortto_destination
@@ -550,3 +552,29 @@ def test_the_apply_plan_shows_a_rule_change_and_refuses_a_renamed_rule_audience(
         runtime.service.apply(
             load_config(_config(tmp_path, events, local, audiences=[*renamed, audiences[1]]))
         )
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_a_rule_audience_takes_the_copy_path_with_its_values_bound_by_the_driver(
+    tmp_path: Path, events: Engine
+) -> None:
+    """COPY takes no server-side parameters: the driver binds the compiled SELECT's values
+    (quoted as literals), so a PostgreSQL source loads a rule audience COPY to COPY too."""
+    layout = reflect_layout(events, LayoutSpec())
+    query = compile_audience(
+        parse_rules({"trait": {"plan": {"eq": SQL_LOOKING}}}),
+        layout,
+        now=datetime.now(UTC),
+        audience="odd_plan",
+    )
+    try:
+        statement = copy_statement(_url(events), query, timeout_seconds=30, source_name="warehouse")
+        assert statement is not None and statement.startswith("COPY (SELECT")
+        assert "'x'' OR ''1''=''1'" in statement  # the value as one quoted literal
+        blocks = copy_rows(
+            _url(events), statement, timeout_seconds=30, fetch_size=100, source_name="warehouse"
+        )
+        rows = [bytes(row) for block in blocks for row in block]
+    finally:
+        dispose_source_engines()  # the warehouse database is dropped after the test
+    assert [row.split(b"\t")[0] for row in rows] == [b"u7"]
