@@ -237,3 +237,28 @@ def test_apply_lines_name_only_what_happened() -> None:
 )
 def test_check_line(is_ok: bool, message: str, line: str) -> None:
     assert render.check_line("ortto", is_ok, message) == line
+
+
+MARKUP_LOOKALIKES = ("Users [beta] [red]x", "[/x]", "[bold]u1[/bold]", "\\[esc]")
+
+
+@pytest.mark.parametrize("text", MARKUP_LOOKALIKES)
+def test_data_cells_are_never_markup(text: str) -> None:
+    # Every user-controlled cell (names, keys, user ids, messages) prints as it is.
+    listing = AudienceListing(text, text, text, text, (text,), False)
+    assert _rows(render.audiences_table([listing])) == [[text, text, text, text, text, ""]]
+    user = FailingUser(text, text, text, True, 1, False, None, text, 3)
+    assert _rows(render.failing_users_table([user])) == [
+        [text, text, text, "true", "1", "", "", text, "3"]
+    ]
+    failure = RunFailure(user=text, value=True, status=400, message=text)
+    detail = RunDetail(replace(RECORD, audience=text, destination=text), (failure,))
+    assert _rows(render.run_detail(detail)[-1]) == [[text, "true", "400", text]]
+    assert f"audience: {text}" in _text(*render.run_detail(detail))
+    summary = replace(SUMMARY, audience_key=text, destination=text, error=text)
+    assert _rows(render.summaries_table([summary]))[0][1:3] == [text, text]
+    assert _rows(render.summaries_table([summary]))[0][-1] == text
+    [row] = _rows(render.history_table([replace(RECORD, audience=text, error=text)]))
+    assert (row[1], row[-1]) == (text, text)
+    status = PairStatus(1, text, text, text, None, None, None, None, False)
+    assert _rows(render.status_table([status]))[0][:3] == [text, text, text]
