@@ -133,7 +133,7 @@ def test_a_worker_on_rabbitmq_syncs_with_its_rate_buckets_in_redis(
     )
     apply_file(runtime, config)
     (pair,) = runtime.service.select_pairs()
-    bucket = RATE_LIMIT_KEY.format(name="rabbit_ortto")
+    bucket = RATE_LIMIT_KEY.format(bucket="destination:rabbit_ortto")
     redis = redis_client(CELERY_REDIS_URL)
     redis.delete(bucket)
     try:

@@ -47,7 +47,7 @@ from worker.ratelimit import RateLimit, RateLimiter, RedisRateLimiter
 from worker.runtime import Runtime, build_runtime
 from worker.settings import get_settings
 
-RATE_LIMIT_KEY = "audience_sync:rate_limit:{name}"
+RATE_LIMIT_KEY = "audience_sync:rate_limit:{bucket}"
 ABANDONED = "a delivery chunk failed unexpectedly; see the worker log for its error"
 
 _runtime: Runtime | None = None
@@ -56,11 +56,12 @@ _runtime_lock = threading.Lock()
 
 
 def redis_limiter_factory(client: redis.Redis) -> LimiterFactory:
-    """Limiters kept in Redis, one bucket per destination name: every worker process on
-    every host paces its requests together, and a 429 seen by one pauses them all."""
+    """Limiters kept in Redis, one bucket per destination account or name (`rate_bucket`):
+    every worker process on every host paces its requests together, and a 429 seen by one
+    pauses them all."""
 
-    def make(name: str, limit: RateLimit) -> RateLimiter:
-        return RedisRateLimiter(client, RATE_LIMIT_KEY.format(name=name), limit)
+    def make(bucket: str, limit: RateLimit) -> RateLimiter:
+        return RedisRateLimiter(client, RATE_LIMIT_KEY.format(bucket=bucket), limit)
 
     return make
 
