@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from models import Audience, AudienceDestination, Destination, SyncRun
+from worker.db import make_engine
 from worker.domain import ChunkRange, FanOut, PreparedRun, SyncRequest
 from worker.runtime import Runtime, build_runtime
 from worker.settings import Settings
@@ -519,3 +520,33 @@ def test_a_crashing_chunk_fails_the_run_through_the_chord_error_callback(
     assert (run.status, run.error, run.sent) == ("failed", ABANDONED, 0)
     assert _lock_is_free(runtime)
     assert len(lines) == 1
+
+
+@pytest.mark.parametrize("revision", [None, "9999_from_the_future"])
+def test_a_worker_refuses_an_unusable_state_database_at_start(
+    tmp_path: Path, revision: str | None
+) -> None:
+    # Checked once, before the pool starts: one ERROR line and a failed exit, not a worker
+    # that takes tasks only to fail each of them on the schema.
+    with postgres_database(migrated=revision is not None) as url:
+        if revision is not None:
+            engine = make_engine(url)
+            with engine.begin() as connection:
+                connection.execute(
+                    text("update alembic_version set version_num = :v"), {"v": revision}
+                )
+            engine.dispose()
+        worker = CeleryWorker(database_url=url, log_path=tmp_path / "worker.log")
+        try:
+            with pytest.raises(AssertionError, match="the worker exited at start"):
+                worker.start()
+            assert worker.process is not None
+            assert worker.process.wait(timeout=10) != 0
+        finally:
+            worker.stop()
+    errors = [line for line in worker.log().splitlines() if "ERROR" in line]
+    expected = "is not initialised" if revision is None else "newer than this version"
+    assert len(errors) == 1, worker.log()
+    assert "the worker does not start: state database at " in errors[0]
+    assert expected in errors[0]
+    assert "Traceback" not in worker.log()
