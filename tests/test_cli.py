@@ -174,6 +174,7 @@ def test_runs_show(state: str, shop: ShopSource, tmp_path: Path) -> None:
     assert fields["skipped_rows"] == "none"
     as_json = json.loads(invoke("runs", "show", "1", "--json").stdout)
     assert (as_json["id"], as_json["failures"]) == (1, [])
+    assert (as_json["failures_total"], as_json["failures_truncated"]) == (0, False)
 
 
 def test_failures_and_archive(state: str, shop: ShopSource, tmp_path: Path) -> None:

@@ -173,13 +173,17 @@ def run_json(record: RunRecord) -> dict[str, Any]:
 
 
 def run_detail_json(detail: RunDetail) -> dict[str, Any]:
-    """One run with its per-user failures, as `runs show --json` prints it."""
+    """One run with its per-user failures, as `runs show --json` prints it: `failures` holds
+    the first ones, `failures_total` counts them all, `failures_truncated` says some are
+    left out."""
     return {
         **run_json(detail.run),
         "failures": [
             {"user": f.user, "value": f.value, "status": f.status, "message": f.message}
             for f in detail.failures
         ],
+        "failures_total": detail.failures_total,
+        "failures_truncated": detail.failures_truncated,
     }
 
 
@@ -196,6 +200,13 @@ def run_detail(detail: RunDetail) -> list[RenderableType]:
         for f in detail.failures:
             add_row(table, f.user, str(f.value).lower(), str(f.status or ""), f.message)
         lines.append(table)
+        if detail.failures_truncated:
+            # A line of its own: a table's title wraps to the table's width.
+            lines.append(
+                Text(
+                    f"per-user failures (showing {len(detail.failures)} of {detail.failures_total})"
+                )
+            )
     return lines
 
 

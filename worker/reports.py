@@ -59,10 +59,19 @@ class RunFailure:
     message: str
 
 
+# `runs show` lists at most this many of a run's failures (the first ones); it says so.
+RUN_FAILURES_SHOWN = 1000
+
+
 @dataclass(frozen=True, slots=True)
 class RunDetail:
     run: RunRecord
-    failures: tuple[RunFailure, ...]
+    failures: tuple[RunFailure, ...]  # the first RUN_FAILURES_SHOWN of them
+    failures_total: int  # all of the run's failures, shown or not
+
+    @property
+    def failures_truncated(self) -> bool:
+        return self.failures_total > len(self.failures)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,8 +121,8 @@ class ReportService:
             rows = run_repo.history(session, audience_key=audience_key, limit=limit)
             return [_record(run, key, name) for run, key, name in rows]
 
-    def run(self, run_id: int) -> RunDetail:
-        """One run with its per-user failures."""
+    def run(self, run_id: int, *, failures_limit: int = RUN_FAILURES_SHOWN) -> RunDetail:
+        """One run with its first `failures_limit` per-user failures and their total."""
         with self._sessions() as session:
             run = run_repo.get_run(session, run_id)
             if run is None:
@@ -121,9 +130,10 @@ class ReportService:
             key, name = audience_repo.names_of_pair(session, run.audience_id, run.destination_id)
             failures = tuple(
                 RunFailure(user=f.member_id, value=f.value, status=f.status, message=f.message)
-                for f in failure_repo.failures_of_run(session, run_id)
+                for f in failure_repo.failures_of_run(session, run_id, limit=failures_limit)
             )
-            return RunDetail(_record(run, key, name), failures)
+            total = failure_repo.count_failures_of_run(session, run_id)
+            return RunDetail(_record(run, key, name), failures, total)
 
     def failing_users(
         self, *, audience_key: str | None = None, only_quarantined: bool = True
