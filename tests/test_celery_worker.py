@@ -11,7 +11,6 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -20,13 +19,14 @@ import pytest
 from sqlalchemy import select, text
 
 from models import Audience, AudienceDestination, Destination, SyncRun
+from tests import worker_fixtures
+from tests.worker_fixtures import ORTTO_KEY_VAR
 from worker.db import make_engine
 from worker.domain import ChunkRange, FanOut, PreparedRun, SyncRequest
-from worker.runtime import Runtime, build_runtime
-from worker.settings import Settings
+from worker.runtime import Runtime
 from worker.tasks import ABANDONED, fan_out_chord
 from worker.testing.celery_worker import ROOT, CeleryWorker, celery_beat, celery_worker, wait_for
-from worker.testing.databases import ShopSource, postgres_database, source_database
+from worker.testing.databases import ShopSource, postgres_database
 from worker.testing.factories import apply_file, audience, read_calls, write_config
 from worker.testing.fake_destinations import (
     DEFAULT_ORTTO_KEY,
@@ -34,33 +34,13 @@ from worker.testing.fake_destinations import (
     max_requests_in_window,
 )
 
+# PostgreSQL state and source databases, whatever the backend parameter says (they
+# override the conftest fixtures of these names).
+state_url, shop, runtime = worker_fixtures.state_url, worker_fixtures.shop, worker_fixtures.runtime
+
 pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
 
-ORTTO_KEY_VAR = "TEST_ORTTO_KEY"
 FINAL = ("succeeded", "partial", "failed", "skipped", "blocked")
-
-
-@pytest.fixture
-def state_url() -> Iterator[str]:
-    with postgres_database() as url:
-        yield url
-
-
-@pytest.fixture
-def shop(tmp_path: Path) -> Iterator[ShopSource]:
-    with source_database("postgresql", tmp_path) as source:
-        yield source
-
-
-@pytest.fixture
-def runtime(state_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Runtime]:
-    """The test's own view of the state database (apply, in-process syncs, reading runs)."""
-    monkeypatch.setenv(ORTTO_KEY_VAR, DEFAULT_ORTTO_KEY)
-    rt = build_runtime(Settings(database_url=state_url))
-    try:
-        yield rt
-    finally:
-        rt.close()
 
 
 def _worker(
