@@ -5,6 +5,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType
+from typing import TypedDict
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -13,6 +14,33 @@ from worker.errors import NotFoundError
 from worker.repositories import audiences as audience_repo
 from worker.repositories import failures as failure_repo
 from worker.repositories import runs as run_repo
+
+
+class RunOutcomeFields(TypedDict):
+    """The fields a run's record (`history`, `runs show`) and its summary (what `sync`
+    prints, the `sync finished` log line) both copy from the stored run."""
+
+    mode: str
+    status: str
+    members: int
+    entered: int
+    exited: int
+    sent: int
+    failed: int
+    error: str | None
+
+
+def run_outcome_fields(run: SyncRun) -> RunOutcomeFields:
+    return RunOutcomeFields(
+        mode=run.mode,
+        status=run.status,
+        members=run.members,
+        entered=run.entered,
+        exited=run.exited,
+        sent=run.sent,
+        failed=run.failed,
+        error=run.error,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,19 +201,12 @@ def _record(run: SyncRun, audience_key: str, destination_name: str) -> RunRecord
         id=run.id,
         audience=audience_key,
         destination=destination_name,
-        mode=run.mode,
         trigger=run.trigger,
-        status=run.status,
         started_at=run.started_at,
         finished_at=run.finished_at,
-        members=run.members,
-        entered=run.entered,
-        exited=run.exited,
-        sent=run.sent,
-        failed=run.failed,
         # Read-only: a frozen record should not hand out a dict its reader could change.
         skipped_rows=MappingProxyType(dict(run.skipped_rows or {})),
-        error=run.error,
+        **run_outcome_fields(run),
         duration_seconds=(
             (run.finished_at - run.started_at).total_seconds()
             if run.finished_at is not None
