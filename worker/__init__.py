@@ -20,7 +20,7 @@ Module map (one line each; the service's parts run top to bottom of a run):
     errors         the exception tree: configuration, source and destination errors
     context        what the service's parts share (sessions, settings, clock, env, hooks)
     crashpoints    the crash-point hook: a no-op, or the guarantee tests' kill switch
-    locking        the pair's run lock, its heartbeat, lock-or-skip
+    locking        the pair's run lock, its heartbeat, lock-or-skip; where a run runs, stops
     snapshotting   streaming a source into a snapshot
     runs           the run lifecycle: open, snapshot, plan, guards; finish, fail
     delivery       delivering a run's changes page by page and recording the answers
@@ -28,7 +28,7 @@ Module map (one line each; the service's parts run top to bottom of a run):
     plan           the plan of an apply (create, change, revive, archive) and its refusals
     catalog        apply a configuration, select pairs, status, checks, reads
     service        SyncService, the one door the CLI, tasks, demo and bench call
-    reports        the read side the CLI shows: audiences, history, runs, failures
+    reports        the read side the CLI shows: audiences, history, runs, failures, explain
     render         how summaries, statuses and runs look (shared by the CLI and the demo)
     runtime        per-process wiring: engine, sessions, destination pool, service
     celery         the Celery app and its limits
