@@ -2,19 +2,20 @@
 
 from models.audience import Audience, AudienceDestination, Destination, Source
 from models.base import Base
-from models.snapshot import Snapshot, SnapshotMember
+from models.snapshot import AudienceMember, MembershipPeriod, Snapshot
 from models.sync import DeliveryFailure, FailingMember, RunChange, SyncedMember, SyncRun
 
 __all__ = [
     "Audience",
     "AudienceDestination",
+    "AudienceMember",
     "Base",
     "DeliveryFailure",
     "Destination",
     "FailingMember",
+    "MembershipPeriod",
     "RunChange",
     "Snapshot",
-    "SnapshotMember",
     "Source",
     "SyncRun",
     "SyncedMember",
