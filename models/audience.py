@@ -29,6 +29,9 @@ class Source(Base):
     name: Mapped[str] = mapped_column(String(100), unique=True)
     url: Mapped[str] = mapped_column(Text)
     statement_timeout_seconds: Mapped[float] = mapped_column(Float)
+    # The event layout rule audiences compile against (`layout`, `schema`, table names as
+    # worker.rules.LayoutSpec has them); NULL for a source of SQL audiences only.
+    layout: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
 
 
 class Destination(Base):
@@ -50,10 +53,18 @@ class Audience(Base):
     key: Mapped[str] = mapped_column(String(200), unique=True)
     name: Mapped[str] = mapped_column(String(200))
     source_id: Mapped[int] = mapped_column(ForeignKey("sources.id"))
-    query: Mapped[str] = mapped_column(Text)
+    # Exactly one of `query` (SQL) and `rules` (the rule tree as written, compiled each run).
+    query: Mapped[str | None] = mapped_column(Text)
+    rules: Mapped[Any | None] = mapped_column(JSON(none_as_null=True))
+    include_anonymous: Mapped[bool] = mapped_column(Boolean, default=False)
     schedule: Mapped[str] = mapped_column(String(100))
     max_exit_fraction: Mapped[float] = mapped_column(Float)
     is_archived: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The workspace's space id (`workspace.space_id` of the file): Engage's
+    # `context.personas.space_id` and `namespace` in every call about the audience.
+    space_id: Mapped[str] = mapped_column(
+        String(100), default="audience-sync", server_default="audience-sync"
+    )
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
@@ -72,8 +83,13 @@ class AudienceDestination(Base):
     destination_id: Mapped[int] = mapped_column(ForeignKey("destinations.id"))
     # False once the audience no longer lists the destination; synced state is kept.
     is_enabled: Mapped[bool] = mapped_column(Boolean, default=True)
-    # Destination-side id of the audience's field (Ortto REST custom field), once known.
+    # Destination-side id of the audience's field (Ortto REST custom field) or audience
+    # (native Ortto audience), once known.
     external_field_id: Mapped[str | None] = mapped_column(String(200))
+    # What each change becomes: the values of worker.payloads.SendAs.
+    send_as: Mapped[str] = mapped_column(String(10), default="identify", server_default="identify")
+    # The name the pair's native Ortto audience is created with (None: the audience's name).
+    ortto_audience_name: Mapped[str | None] = mapped_column(String(200))
     # Run lock: a run holds it while it works; an expired lock is free again.
     lock_owner: Mapped[str | None] = mapped_column(String(100))
     lock_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

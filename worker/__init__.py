@@ -9,7 +9,8 @@ Module map (one line each; the service's parts run top to bottom of a run):
     scheduling     schedules ("every 1h", cron) and when a pair is next due
     sources        audience queries: check, stream rows, clean them into members
     rules/         rule audiences: conditions on events and traits compiled to SQL
-    payloads       the identify call for one user's change
+    audiences      an audience's definition: compiling rule audiences, show and preview
+    payloads       the identify and track calls of one user's change (send_as)
     batching       cutting identify calls into batches a destination accepts
     ratelimit      rate-limit parsing and the local and Redis token buckets
     destinations/  destination clients: the registry of types, typed settings, the HTTP
@@ -17,6 +18,7 @@ Module map (one line each; the service's parts run top to bottom of a run):
     pool           destination clients, built once per process and reused
     db             state database engines, sessions, units of work, migrations
     domain         the vocabulary: RunStatus, RunMode, Trigger and the service's values
+    errors         the exception tree: configuration, source and destination errors
     context        what the service's parts share (sessions, settings, clock, env, hooks)
     crashpoints    the crash-point hook: a no-op, or the guarantee tests' kill switch
     locking        the pair's run lock, its heartbeat, lock-or-skip; where a run runs, stops

@@ -5,6 +5,7 @@ from collections.abc import Collection, Sequence
 
 from sqlalchemy.orm import Session
 
+from worker.audiences import check_rule_audiences
 from worker.config import Config, resolve_source_url
 from worker.context import ServiceContext
 from worker.domain import ApplyReport, PairStatus
@@ -17,6 +18,7 @@ from worker.plan import (
     Plan,
     SourceState,
     compute_plan,
+    describe_output,
 )
 from worker.repositories import audiences as audience_repo
 from worker.repositories import runs as run_repo
@@ -32,7 +34,8 @@ def _catalog_state(session: Session) -> CatalogState:
     names = {d.id: d.name for d in destinations.values()}
     return CatalogState(
         sources=tuple(
-            SourceState(s.name, s.url, s.statement_timeout_seconds) for s in sources.values()
+            SourceState(s.name, s.url, s.statement_timeout_seconds, s.layout)
+            for s in sources.values()
         ),
         destinations=tuple(
             DestinationState(d.name, d.type, dict(d.settings)) for d in destinations.values()
@@ -45,10 +48,19 @@ def _catalog_state(session: Session) -> CatalogState:
                 query=a.query,
                 schedule=a.schedule,
                 destinations=tuple(
-                    sorted(names[link.destination_id] for link in a.links if link.is_enabled)
+                    sorted(
+                        describe_output(
+                            names[link.destination_id], link.send_as, link.ortto_audience_name
+                        )
+                        for link in a.links
+                        if link.is_enabled
+                    )
                 ),
                 max_exit_fraction=a.max_exit_fraction,
                 is_archived=a.is_archived,
+                rules=a.rules,
+                include_anonymous=a.include_anonymous,
+                space_id=a.space_id,
             )
             for a in audience_repo.all_audiences(session)
         ),
@@ -110,9 +122,12 @@ class Catalog:
                     "name": aspec.name,
                     "source_id": sources[aspec.source].id,
                     "query": aspec.query,
+                    "rules": aspec.rules,
+                    "include_anonymous": aspec.include_anonymous,
                     "schedule": aspec.schedule,
                     "max_exit_fraction": aspec.max_exit_fraction,
                     "is_archived": False,
+                    "space_id": config.space_id,
                 }
                 if audience is None:
                     audience = audience_repo.create_audience(
@@ -122,13 +137,25 @@ class Catalog:
                     audience_repo.update_audience(session, audience, now=now, **values)
                 wanted = {destinations[name].id for name in aspec.destinations}
                 audience_repo.set_destinations(session, audience, wanted)
+                audience_repo.set_pair_outputs(
+                    session,
+                    audience.id,
+                    {
+                        destinations[o.name].id: (o.send_as.value, o.ortto_audience_name)
+                        for o in aspec.outputs
+                    },
+                )
             for audience in existing.values():
                 audience_repo.archive_audience(session, audience, now=now)
         return plan.report()
 
     def _check_queries(self, config: Config) -> None:
         sources = {s.name: s for s in config.sources}
+        # Rule audiences: each source's tables reflected once, each rule checked against them.
+        check_rule_audiences(config, self._ctx.env, now=self._ctx.clock())
         for audience in config.audiences:
+            if audience.query is None:
+                continue
             source = sources[audience.source]
             try:
                 check_query(

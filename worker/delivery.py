@@ -22,7 +22,7 @@ from worker.domain import (
 )
 from worker.errors import DestinationError
 from worker.locking import LOST_LOCK, RunStopped, check_stop, heartbeat, still_held
-from worker.payloads import Change, identify_call
+from worker.payloads import Change, RejectedCall, change_rejections, delivery_calls
 from worker.ratelimit import requests_in_flight
 from worker.repositories import audiences as audience_repo
 from worker.repositories import changes as change_repo
@@ -155,10 +155,11 @@ class Delivery:
                             break
                         is_prepared = True
                     now = self._ctx.clock()
-                    calls = [
-                        identify_call(prepared.audience, prepared.destination_id, change, now=now)
-                        for change in page
-                    ]
+                    # One or two calls per change (send_as); a change counts as accepted only
+                    # when every one of its calls was.
+                    calls = delivery_calls(
+                        prepared.audience, prepared.destination_id, page, now=now
+                    )
                     senders.submit(_send_page, client, prepared, page, calls, now, answers)
                     in_flight += 1
                     cursor = page[-1].member_id
@@ -171,11 +172,12 @@ class Delivery:
                     continue
                 if isinstance(result.outcome, BaseException):
                     raise result.outcome
+                rejections = change_rejections(result.outcome, prepared.audience.send_as)
                 self._ctx.crash_point("page_sent")
                 try:
                     with self._ctx.unit_of_work() as session:
                         self._record_page(
-                            session, prepared, result.page, result.outcome, now=result.now
+                            session, prepared, result.page, rejections, now=result.now
                         )
                 except DestinationError as exc:
                     failure = failure or exc
@@ -231,7 +233,7 @@ class Delivery:
         session: Session,
         prepared: PreparedRun,
         page: Sequence[Change],
-        rejections: Sequence[Rejection],
+        rejections: Sequence[RejectedCall],
         *,
         now: datetime,
     ) -> None:

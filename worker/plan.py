@@ -10,6 +10,7 @@ from typing import Any
 from worker.config import Config
 from worker.domain import ApplyReport
 from worker.errors import ConfigError
+from worker.payloads import DEFAULT_SPACE_ID, SendAs
 
 
 class Action(enum.StrEnum):
@@ -27,6 +28,7 @@ class SourceState:
     name: str
     url: str
     statement_timeout_seconds: float
+    layout: Mapping[str, Any] | None = None  # rule audiences' event layout (None: SQL only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,16 +40,20 @@ class DestinationState:
 
 @dataclass(frozen=True, slots=True)
 class AudienceState:
-    """One audience as the catalog holds it (`destinations`: the enabled ones, by name)."""
+    """One audience as the catalog holds it (`destinations`: the enabled ones, each as
+    `describe_output` writes it, so a change of how it is sent shows in the plan)."""
 
     key: str
     name: str
     source: str
-    query: str
+    query: str | None  # None: a rule audience
     schedule: str
     destinations: tuple[str, ...]
     max_exit_fraction: float
     is_archived: bool
+    rules: Any = None  # a rule audience's rules, as written
+    include_anonymous: bool = False
+    space_id: str = DEFAULT_SPACE_ID
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,9 +123,12 @@ AUDIENCE_FIELDS = (
     ("name", "name"),
     ("source", "source"),
     ("query", "query"),
+    ("rules", "rules"),
+    ("include_anonymous", "include_anonymous"),
     ("schedule", "schedule"),
     ("destinations", "destinations"),
     ("guard", "max_exit_fraction"),
+    ("space_id", "space_id"),
 )
 
 
@@ -168,6 +177,7 @@ def _source_items(current: Sequence[SourceState], desired: Config) -> list[ItemP
                 old.statement_timeout_seconds if old else None,
                 spec.statement_timeout_seconds,
             ),
+            ("layout", old.layout if old else None, spec.layout_settings),
         )
         items.append(_item("source", spec.name, is_new=old is None, changes=_diff(fields)))
     return items
@@ -193,6 +203,15 @@ def _item(kind: str, name: str, *, is_new: bool, changes: tuple[FieldChange, ...
     return ItemPlan(kind, name, Action.CHANGE if changes else Action.UNCHANGED, changes)
 
 
+def describe_output(name: str, send_as: str, ortto_audience_name: str | None) -> str:
+    """One destination of an audience as a plan shows it: its name, and how it is sent when
+    that is not the default (`segment (send_as: track)`)."""
+    extras = [f"send_as: {send_as}"] if send_as != SendAs.IDENTIFY else []
+    if ortto_audience_name is not None:
+        extras.append(f"ortto_audience_name: {ortto_audience_name}")
+    return f"{name} ({', '.join(extras)})" if extras else name
+
+
 def _audience_values(audience: AudienceState) -> dict[str, Any]:
     values = {label: getattr(audience, attribute) for label, attribute in AUDIENCE_FIELDS}
     values["destinations"] = tuple(sorted(audience.destinations))
@@ -211,9 +230,15 @@ def _audience_items(current: Sequence[AudienceState], desired: Config) -> list[I
                 source=spec.source,
                 query=spec.query,
                 schedule=spec.schedule,
-                destinations=spec.destinations,
+                destinations=tuple(
+                    describe_output(o.name, o.send_as, o.ortto_audience_name) for o in spec.outputs
+                )
+                or spec.destinations,
                 max_exit_fraction=spec.max_exit_fraction,
                 is_archived=False,
+                rules=spec.rules,
+                include_anonymous=spec.include_anonymous,
+                space_id=desired.space_id,
             )
         )
         old_audience = known.get(spec.key)
@@ -232,9 +257,10 @@ def _audience_items(current: Sequence[AudienceState], desired: Config) -> list[I
     return items
 
 
-def same_query(a: str, b: str) -> bool:
-    """Whether two queries are the same but for spacing and line breaks."""
-    return a.split() == b.split()
+def same_query(a: str | None, b: str | None) -> bool:
+    """Whether two queries are the same but for spacing and line breaks (a rule audience
+    has no query)."""
+    return a is not None and b is not None and a.split() == b.split()
 
 
 def _refusals(
@@ -265,14 +291,15 @@ def _refusals(
         if spec.key not in created or spec.key in allowed_new_keys:
             continue
         for old in leaving:
-            if old.source == spec.source and same_query(old.query, spec.query):
+            same_rules = old.rules is not None and old.rules == spec.rules
+            if old.source == spec.source and (same_query(old.query, spec.query) or same_rules):
                 refusals.append(
                     f"audience {spec.name!r} would be created with the new key {spec.key!r} "
                     f"while {old.key!r}, which this file archives, has the same source and "
-                    f"query: a likely rename, which would leave {old.key!r} true at the "
-                    f"destinations. To keep the key, add the line `key: {old.key}` to the "
-                    f"audience {spec.name!r}; to create a new key anyway, pass "
-                    f"--allow-new-key {spec.key}"
+                    f"{'rules' if same_rules else 'query'}: a likely rename, which would "
+                    f"leave {old.key!r} true at the destinations. To keep the key, add the "
+                    f"line `key: {old.key}` to the audience {spec.name!r}; to create a new "
+                    f"key anyway, pass --allow-new-key {spec.key}"
                 )
                 break
     return refusals

@@ -3,15 +3,18 @@ from the service's plain values to rich renderables and JSON records, shared by 
 the demo. Nothing here reads a database or prints."""
 
 import dataclasses
+import json
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+import yaml
 from rich.console import RenderableType
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from worker.audiences import AudienceView, CompiledAudience, Preview
 from worker.domain import ApplyReport, PairStatus, RunSummary
 from worker.payloads import Change
 from worker.plan import Action, FieldChange, Plan
@@ -49,20 +52,20 @@ STATUS_COLUMNS = (
 )
 # fmt: on
 
-_SummaryColumn = Callable[[RunSummary], str]
+_SummaryColumn = Callable[[RunSummary], "str | Text"]
 _SUMMARY_COLUMNS: dict[str, _SummaryColumn] = {
     "run": lambda s: str(s.run_id),
     "audience": lambda s: s.audience_key,
     "destination": lambda s: s.destination,
     "mode": lambda s: s.mode,
-    "status": lambda s: status_word(s.status),
+    "status": lambda s: status_cell(s.status),
     "members": lambda s: str(s.members),
     "entered": lambda s: str(s.entered),
     "exited": lambda s: str(s.exited),
     "sent": lambda s: str(s.sent),
     "failed": lambda s: str(s.failed),
     "seconds": lambda s: f"{s.duration_seconds:.2f}",
-    "error": lambda s: escape(s.error or ""),
+    "error": lambda s: s.error or "",
 }
 # The demo's columns: the ones that tell the story of an initial then incremental sync.
 _DEMO_COLUMNS = ("audience", "mode", "status", "members", "entered", "exited", "sent")
@@ -71,6 +74,22 @@ _DEMO_COLUMNS = ("audience", "mode", "status", "members", "entered", "exited", "
 def status_word(status: str) -> str:
     """A run status in its colour (rich markup)."""
     return f"[{STATUS_COLOURS.get(status, 'white')}]{status}[/]"
+
+
+def status_cell(status: str) -> Text:
+    """A run status in its colour, as a table cell (the status itself is never markup)."""
+    return Text(status, style=STATUS_COLOURS.get(status, "white"))
+
+
+def cell(value: str | Text) -> Text:
+    """A table cell: a string is data, shown as it is (an audience named `Users [beta]` or a
+    user id `[/x]` is never read as rich markup); a Text keeps its own style."""
+    return value if isinstance(value, Text) else Text(value)
+
+
+def add_row(table: Table, *cells: str | Text) -> None:
+    """Every data row of every table goes through here, so no data cell is read as markup."""
+    table.add_row(*(cell(value) for value in cells))
 
 
 def _yes(flag: bool) -> str:
@@ -119,7 +138,7 @@ def summaries_table(summaries: Sequence[RunSummary]) -> Table:
     """The runs a command just made, one row each."""
     table = _table(*_SUMMARY_COLUMNS)
     for summary in summaries:
-        table.add_row(*(cell(summary) for cell in _SUMMARY_COLUMNS.values()))
+        add_row(table, *(column(summary) for column in _SUMMARY_COLUMNS.values()))
     return table
 
 
@@ -135,24 +154,25 @@ def demo_table(summaries: Sequence[RunSummary]) -> Table:
     )
     table.columns[0].min_width = max((len(s.audience_key) for s in summaries), default=8)
     for summary in summaries:
-        table.add_row(*(_SUMMARY_COLUMNS[name](summary) for name in _DEMO_COLUMNS))
+        add_row(table, *(_SUMMARY_COLUMNS[name](summary) for name in _DEMO_COLUMNS))
     return table
 
 
 def history_table(records: Sequence[RunRecord]) -> Table:
     table = _table(*HISTORY_COLUMNS)
     for r in records:
-        table.add_row(
+        add_row(
+            table,
             str(r.id),
             r.audience,
             r.destination,
             r.mode,
             r.trigger,
-            status_word(r.status),
+            status_cell(r.status),
             _time(r.started_at),
             duration(r.duration_seconds),
             *(str(n) for n in (r.members, r.entered, r.exited, r.sent, r.failed)),
-            escape(r.error or ""),
+            r.error or "",
         )
     return table
 
@@ -164,13 +184,17 @@ def run_json(record: RunRecord) -> dict[str, Any]:
 
 
 def run_detail_json(detail: RunDetail) -> dict[str, Any]:
-    """One run with its per-user failures, as `runs show --json` prints it."""
+    """One run with its per-user failures, as `runs show --json` prints it: `failures` holds
+    the first ones, `failures_total` counts them all, `failures_truncated` says some are
+    left out."""
     return {
         **run_json(detail.run),
         "failures": [
             {"user": f.user, "value": f.value, "status": f.status, "message": f.message}
             for f in detail.failures
         ],
+        "failures_total": detail.failures_total,
+        "failures_truncated": detail.failures_truncated,
     }
 
 
@@ -185,16 +209,29 @@ def run_detail(detail: RunDetail) -> list[RenderableType]:
     if detail.failures:
         table = _table("user", "value", "status", "message", title="per-user failures")
         for f in detail.failures:
-            table.add_row(f.user, str(f.value).lower(), str(f.status or ""), escape(f.message))
+            add_row(table, f.user, str(f.value).lower(), str(f.status or ""), f.message)
         lines.append(table)
+        if detail.failures_truncated:
+            # A line of its own: a table's title wraps to the table's width.
+            lines.append(
+                Text(
+                    f"per-user failures (showing {len(detail.failures)} of {detail.failures_total})"
+                )
+            )
     return lines
 
 
 def audiences_table(audiences: Sequence[AudienceListing]) -> Table:
     table = _table("key", "name", "source", "schedule", "destinations", "archived")
     for a in audiences:
-        table.add_row(
-            a.key, a.name, a.source, a.schedule, ", ".join(a.destinations), _yes(a.is_archived)
+        add_row(
+            table,
+            a.key,
+            a.name,
+            a.source,
+            a.schedule,
+            ", ".join(a.destinations),
+            _yes(a.is_archived),
         )
     return table
 
@@ -204,7 +241,8 @@ def failing_users_table(users: Sequence[FailingUser]) -> RenderableType:
         return "no quarantined users"
     table = _table(*FAILING_USER_COLUMNS)
     for u in users:
-        table.add_row(
+        add_row(
+            table,
             u.audience,
             u.destination,
             u.user,
@@ -212,7 +250,7 @@ def failing_users_table(users: Sequence[FailingUser]) -> RenderableType:
             str(u.rejections),
             _yes(u.is_quarantined),
             str(u.last_status or ""),
-            escape(u.last_message),
+            u.last_message,
             str(u.last_run_id),
         )
     return table
@@ -221,15 +259,16 @@ def failing_users_table(users: Sequence[FailingUser]) -> RenderableType:
 def status_table(rows: Sequence[PairStatus]) -> Table:
     table = _table(*STATUS_COLUMNS)
     for row in rows:
-        table.add_row(
+        add_row(
+            table,
             row.audience_key,
             row.destination,
             row.schedule,
             str(row.last_run_id or ""),
-            status_word(row.last_status) if row.last_status else "never",
+            status_cell(row.last_status) if row.last_status else "never",
             _time(row.last_started_at),
             _time(row.next_due_at),
-            escape(row.run_state) if row.run_state else _yes(row.is_running),
+            row.run_state or _yes(row.is_running),
             FULL_SYNC_OWED if row.is_full_sync_owed else "",
         )
     return table
@@ -325,7 +364,73 @@ def apply_lines(report: ApplyReport) -> list[str]:
 def check_line(destination: str, is_ok: bool, message: str) -> str:
     """One destination's credential check (rich markup)."""
     mark = "[green]ok[/]" if is_ok else "[red]failed[/]"
-    return f"{destination}: {mark} {escape(message)}"
+    return f"{escape(destination)}: {mark} {escape(message)}"
+
+
+def audience_definition(view: AudienceView) -> Text:
+    """`audiences show`: the audience as it would be written in the audiences file."""
+    document: dict[str, Any] = {
+        "key": view.key,
+        "name": view.name,
+        "source": view.source,
+        "schedule": view.schedule,
+        "destinations": list(view.destinations),
+    }
+    if view.rules is not None:
+        document["rules"] = view.rules
+        document["include_anonymous"] = view.include_anonymous
+    else:
+        document["query"] = view.query
+    if view.is_archived:
+        document["archived"] = True
+    text = yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=100)
+    return Text(text.rstrip("\n"))
+
+
+def compiled_audience(compiled: CompiledAudience) -> Text:
+    """`audiences show --sql`: the SQL the audience runs, its parameters as comments after
+    it (a rule audience's values never enter the SQL text)."""
+    if compiled.now is None:
+        header = f"-- {compiled.key}: the SQL audience's query ({compiled.dialect})"
+    else:
+        header = (
+            f"-- {compiled.key}: compiled for {compiled.dialect}, now = "
+            f"{compiled.now.isoformat()} (each run compiles it again for its own start)"
+        )
+    lines = [header, compiled.sql.strip() + ";"]
+    if compiled.params:
+        lines.append("-- parameters:")
+        lines += [f"--   :{name} = {_sql_value(value)}" for name, value in compiled.params.items()]
+    return Text("\n".join(lines))
+
+
+def _sql_value(value: Any) -> str:
+    """A parameter's value as it reads in SQL (shown, never spliced into the query)."""
+    if isinstance(value, datetime):
+        return repr(value.isoformat(" "))
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value)
+
+
+def audience_preview_lines(preview: Preview) -> list[RenderableType]:
+    """`audiences preview`: the member count, rows left out, and the sample."""
+    skipped = ", ".join(f"{reason} x{count}" for reason, count in sorted(preview.skipped.items()))
+    count = f"{preview.key}: {preview.members} members" + (
+        f" ({skipped} left out)" if skipped else ""
+    )
+    lines: list[RenderableType] = [Text(count)]
+    if preview.sample:
+        table = _table("user_id", "anonymous_id", "email")
+        for row in preview.sample:
+            member = Text(row.member_id)
+            table.add_row(
+                Text("") if row.is_anonymous else member,
+                member if row.is_anonymous else Text(""),
+                Text(row.email or ""),
+            )
+        lines.append(table)
+    return lines
 
 
 _PLAN_KINDS = ("source", "destination", "audience")
@@ -337,6 +442,8 @@ def _plan_value(value: Any) -> str:
         return ", ".join(str(v) for v in value) or "none"
     if value is None:
         return "none"
+    if isinstance(value, dict):  # a rule audience's rules (or a source's layout), in a line
+        return json.dumps(value, ensure_ascii=False)
     # A query over several lines reads as one line in a plan (spacing never matters to it).
     return " ".join(str(value).split())
 
@@ -344,9 +451,9 @@ def _plan_value(value: Any) -> str:
 def _plan_change(change: FieldChange, *, is_new: bool) -> list[str]:
     if is_new:
         return [f"  {change.field}: {_plan_value(change.after)}"]
-    if change.field == "query":
+    if change.field in ("query", "rules"):
         return [
-            "  query:",
+            f"  {change.field}:",
             f"    - {_plan_value(change.before)}",
             f"    + {_plan_value(change.after)}",
         ]

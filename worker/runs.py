@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from models import AudienceDestination, SyncRun
+from worker.audiences import RuleDefinition, rule_definition
 from worker.context import ServiceContext
 from worker.domain import (
     PairScope,
@@ -39,7 +40,8 @@ from worker.locking import (
     run_state,
     where_this_runs,
 )
-from worker.payloads import AudienceRef, Change
+from worker.payloads import AudienceRef, Change, SendAs
+from worker.reports import run_outcome_fields
 from worker.repositories import audiences as audience_repo
 from worker.repositories import changes as change_repo
 from worker.repositories import failures as failure_repo
@@ -72,11 +74,13 @@ class OpenedRun:
     source_name: str
     source_url: str
     source_timeout: float
-    query: str
+    query: str | None
     max_exit_fraction: float
     started: float  # time.monotonic() when the run was asked for
     # A full run: asked for, or owed by a full run of the pair that did not finish.
     is_full: bool = False
+    rules: RuleDefinition | None = None  # a rule audience: compiled when snapshotted
+    started_at: datetime | None = None  # the run's start: a rule audience's "now"
 
     def prepared(
         self,
@@ -152,6 +156,19 @@ class RunLifecycle:
         if opened.is_full and not request.is_full:
             # The pair owes a full sync: this run is one, whatever was asked.
             request = replace(request, is_full=True, trigger=Trigger.FULL_OWED)
+        audience = opened.audience
+        if audience.field_id is not None and not request.is_dry_run:
+            # Before planning, check the destination still has what the pair's id names: one
+            # that lost it (an Ortto audience deleted) gets a new, empty one, and the pair
+            # then owes a full sync, starting with this run.
+            try:
+                audience = self._prepare_destination(opened)
+            except (DestinationError, ConfigError) as exc:
+                return self._end(opened, RunStatus.FAILED, str(exc))
+            if is_destination_reset(opened.audience, audience) and not request.is_full:
+                request = replace(request, is_full=True)
+                with self._ctx.unit_of_work() as session:
+                    run_repo.update_run(session, opened.run_id, mode=RunMode.FULL)
         name = f"{opened.audience.key} -> {opened.destination_name}"
         shown = self._ctx.progress()
         shown.start(f"{name}: reading the source into a snapshot", 0)
@@ -166,6 +183,8 @@ class RunLifecycle:
                     timeout=opened.source_timeout,
                     run_id=opened.run_id,
                     progress=shown,
+                    rules=opened.rules,
+                    now=opened.started_at,
                 )
         except (SourceError, ConfigError) as exc:
             return self._end(opened, RunStatus.FAILED, str(exc))
@@ -201,10 +220,11 @@ class RunLifecycle:
             return self._end(opened, RunStatus.BLOCKED, plan.block)
         if request.is_dry_run:
             return self._end(opened, RunStatus.SUCCEEDED, None)
-        try:
-            audience = self._prepare_destination(opened)
-        except (DestinationError, ConfigError) as exc:
-            return self._end(opened, RunStatus.FAILED, str(exc))
+        if audience.field_id is None:
+            try:
+                audience = self._prepare_destination(opened)
+            except (DestinationError, ConfigError) as exc:
+                return self._end(opened, RunStatus.FAILED, str(exc))
         self._ctx.crash_point("before_delivery")
         return opened.prepared(
             audience,
@@ -270,8 +290,11 @@ class RunLifecycle:
                 run_id=run.id,
                 pair_id=pair_id,
                 owner=owner,
-                audience=AudienceRef(
-                    audience.id, audience.key, audience.name, pair.external_field_id
+                audience=replace(
+                    AudienceRef(audience.id, audience.key, audience.name, pair.external_field_id),
+                    space_id=audience.space_id,
+                    send_as=SendAs(pair.send_as),
+                    external_name=pair.ortto_audience_name,
                 ),
                 destination_id=destination.id,
                 destination_name=destination.name,
@@ -283,6 +306,10 @@ class RunLifecycle:
                 max_exit_fraction=audience.max_exit_fraction,
                 started=started,
                 is_full=is_full,
+                rules=rule_definition(audience, audience_repo.all_audiences(session))
+                if audience.rules is not None
+                else None,
+                started_at=now,
             )
 
     def _plan(
@@ -356,10 +383,14 @@ class RunLifecycle:
         field_id = client.prepare(opened.audience)
         if field_id == opened.audience.field_id:
             return opened.audience
+        prepared = replace(opened.audience, field_id=field_id)
         with self._ctx.unit_of_work() as session:
             audience_repo.set_field_id(session, opened.pair_id, field_id)
-        ref = opened.audience
-        return AudienceRef(ref.id, ref.key, ref.name, field_id)
+            if is_destination_reset(opened.audience, prepared):
+                # What the old id held is gone: the pair owes a full sync until one
+                # finishes, whatever becomes of this run (blocked, failed, killed).
+                audience_repo.set_full_sync_owed(session, opened.pair_id, is_owed=True)
+        return prepared
 
     def finish_run(self, prepared: PreparedRun) -> RunSummary:
         """Close a run whose delivery is complete: succeeded, or partial with failures."""
@@ -488,18 +519,18 @@ class RunLifecycle:
         no lock."""
         now = self._ctx.clock()
         with self._ctx.unit_of_work() as session:
-            current = run_repo.get_run(session, run_id)
-            is_closing = current is not None and current.status == RunStatus.RUNNING
+            # Changes a failed run leaves behind are settled by the pair's next run.
+            is_closing = run_repo.close_run(
+                session, run_id, status=status, error=error, finished_at=now
+            )
             if is_closing:
-                # Changes a failed run leaves behind are settled by the pair's next run.
-                run_repo.update_run(session, run_id, status=status, error=error, finished_at=now)
                 audience_repo.release_lock(session, pair_id, owner)
-                if current is not None and current.snapshot_id is not None:
-                    snapshot_repo.drop_staging(session, current.snapshot_id)
+            # Read once, after the close: the outcome as stored, this one or the first.
             run = run_repo.get_run(session, run_id)
             pair = audience_repo.pair_by_id(session, pair_id)
             assert run is not None and pair is not None
-            session.refresh(run)
+            if is_closing and run.snapshot_id is not None:
+                snapshot_repo.drop_staging(session, run.snapshot_id)
             summary = self.summarize(run, pair.audience.key, pair.destination.name, started)
         if is_closing:
             logger.log(
@@ -522,16 +553,15 @@ class RunLifecycle:
             run_id=run.id,
             audience_key=key,
             destination=destination,
-            mode=run.mode,
-            status=run.status,
-            members=run.members,
-            entered=run.entered,
-            exited=run.exited,
-            sent=run.sent,
-            failed=run.failed,
-            error=run.error,
             duration_seconds=round(duration, 3),
+            **run_outcome_fields(run),
         )
+
+
+def is_destination_reset(before: AudienceRef, after: AudienceRef) -> bool:
+    """Whether preparing the destination replaced a destination-side id it had before: what
+    the old one held is gone, so the synced state says nothing about the new one."""
+    return before.field_id is not None and after.field_id != before.field_id
 
 
 def rate(count: int, seconds: float) -> str:

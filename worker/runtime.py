@@ -41,13 +41,17 @@ def build_runtime(
     default); `settings.crash_at` arms the guarantee tests' kill switch."""
     engine = make_engine(settings.database_url)
     sessions = make_session_factory(engine)
-    destinations = DestinationPool(http=http_options(settings), limiter_factory=limiter_factory)
+    # One env for both: a destination's `${VAR}` is resolved where a source's is.
+    env = os.environ if env is None else env
+    destinations = DestinationPool(
+        http=http_options(settings), limiter_factory=limiter_factory, env=env
+    )
     service = SyncService(
         session_factory=sessions,
         settings=settings,
         destinations=destinations,
         progress=progress,
-        env=os.environ if env is None else env,
+        env=env,
         crash_point=kill_at(settings.crash_at),
     )
     return Runtime(settings, engine, sessions, destinations, service)

@@ -1,4 +1,5 @@
-"""The destination client interface: batches of identify calls in, per-item rejections out.
+"""The destination client interface: batches of calls (identify, track) in, per-item
+rejections out.
 
 (`models.Destination` is the stored destination; a `DestinationClient` talks to it.)
 """
@@ -48,7 +49,8 @@ class DestinationClient(ABC):
 
     @abstractmethod
     def deliver(self, audience: AudienceRef, calls: Sequence[dict[str, Any]]) -> list[Rejection]:
-        """Send Segment-spec identify calls; return the rejected ones."""
+        """Send Segment-spec calls (identify, and track where the type takes them); return
+        the rejected ones."""
 
     def pacing(self) -> Pacing | None:
         """The destination's pacing, for delivery to size its requests in flight; None (the

@@ -27,7 +27,7 @@ configured `merge_by` fields, overwriting (`merge_strategy` 2), asynchronously.
 
 from collections.abc import Sequence
 from functools import cached_property
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, SecretStr
 
@@ -68,6 +68,9 @@ MergeField = Literal["str::ei", "str::email"]
 class OrttoApiSettings(HttpDestinationSettings):
     """Ortto's public REST API (person merge with one boolean custom field per audience)."""
 
+    # Person merges only: this API has no track call here.
+    accepts_track: ClassVar[bool] = False
+
     api_key: SecretStr
     region: Literal["default", "au", "eu"] = "default"
     merge_by: list[MergeField] = Field(
@@ -79,6 +82,10 @@ class OrttoApiSettings(HttpDestinationSettings):
     @property
     def base_url(self) -> str:
         return self.endpoint or ORTTO_API_HOSTS[self.region]
+
+    def account(self) -> str:
+        # Ortto counts requests per account: two destinations on one key share its limits.
+        return account_id(self.api_key.get_secret_value())
 
 
 def merge_body_affixes(merge_by: Sequence[str]) -> tuple[bytes, bytes]:
@@ -221,7 +228,7 @@ class OrttoApiDestination(HttpDestinationClient[OrttoApiSettings]):
         return SecretHeaderAuth(header="X-Api-Key", secret=settings.api_key, scheme="plain")
 
     def account_for(self, settings: OrttoApiSettings) -> str:
-        return account_id(settings.api_key.get_secret_value())
+        return settings.account()
 
     def prepare(self, audience: AudienceRef) -> str:
         """The id of the audience's boolean custom field, found by name or created."""

@@ -4,7 +4,7 @@ Each type's settings class lives with its client (see `registry` for the mapping
 resolved and validated once, by `registry.resolve_settings`, and passed down typed.
 """
 
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, PlainValidator, SecretStr, ValidationError
 from pydantic_core import PydanticCustomError
@@ -37,6 +37,11 @@ class DestinationSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # Whether the type takes track events (`send_as: track | both`); refused at `apply` if not.
+    accepts_track: ClassVar[bool] = True
+    # Whether the type keeps native audiences (and so takes `ortto_audience_name:` per pair).
+    keeps_native_audiences: ClassVar[bool] = False
+
     @classmethod
     def secret_fields(cls) -> frozenset[str]:
         return frozenset(
@@ -48,6 +53,12 @@ class HttpDestinationSettings(DestinationSettings):
     """Settings of a destination reached over HTTP: paced by its `rate_limit`."""
 
     rate_limit: RateLimitSetting
+
+    def account(self) -> str | None:
+        """The destination account these settings reach, for a type whose service limits
+        (requests per second, refused requests) count per account rather than per
+        destination; None: no such account, the destination is paced on its own."""
+        return None
 
 
 def describe_error(exc: ValidationError, *, hide_input: bool = False) -> tuple[Loc, str]:
