@@ -124,7 +124,7 @@ class Delivery:
         answers: queue.Queue[_AnsweredPage] = queue.Queue()
         cursor = after
         in_flight = 0
-        is_drained = is_prepared = False
+        is_drained = is_answered = False
         failure: DestinationError | None = None
         with (
             ThreadPoolExecutor(
@@ -135,7 +135,7 @@ class Delivery:
             while True:
                 # Page boundary: take pages while there is room in flight.
                 while failure is None and not is_drained:
-                    if in_flight >= self._in_flight(client):
+                    if in_flight >= (self._in_flight(client) if is_answered else 1):
                         break
                     try:
                         page = self._take_page(prepared, client, after=cursor, upto=upto)
@@ -145,15 +145,6 @@ class Delivery:
                     if not page:
                         is_drained = True
                         break
-                    if not is_prepared:
-                        # Once, before pages go out in parallel: the destination gets ready
-                        # for the audience (a field found or created) and a first latency.
-                        try:
-                            client.prepare(prepared.audience)
-                        except DestinationError as exc:
-                            failure = exc
-                            break
-                        is_prepared = True
                     now = self._ctx.clock()
                     # One or two calls per change (send_as); a change counts as accepted only
                     # when every one of its calls was.
@@ -167,6 +158,9 @@ class Delivery:
                     break
                 result = answers.get()
                 in_flight -= 1
+                # The first page goes alone: the destination gets ready for the audience
+                # once (a field found or created) and its answer gives a first latency.
+                is_answered = True
                 if isinstance(result.outcome, DestinationError):
                     failure = failure or result.outcome
                     continue
