@@ -7,6 +7,7 @@ from worker.config import Config, resolve_source_url
 from worker.context import ServiceContext
 from worker.domain import ApplyReport, PairStatus
 from worker.errors import ConfigError, DestinationError, NotFoundError, SourceError
+from worker.repositories import alerts as alert_repo
 from worker.repositories import audiences as audience_repo
 from worker.repositories import runs as run_repo
 from worker.scheduling import next_due, parse_schedule
@@ -52,6 +53,7 @@ class Catalog:
             for audience in existing.values():
                 if audience_repo.archive_audience(session, audience, now=now):
                     report.archived.append(audience.key)
+            alert_repo.save_channels(session, config.alerts)
         return report
 
     def _check_queries(self, config: Config) -> None:

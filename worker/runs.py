@@ -331,6 +331,7 @@ class RunLifecycle:
             summary = self.summarize(run, pair.audience.key, pair.destination.name, started)
         if is_closing:
             logger.info("sync finished %s", json.dumps(summary_fields(summary), sort_keys=True))
+            self._ctx.run_ended(summary)
         return summary
 
     def summarize(

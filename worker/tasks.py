@@ -137,7 +137,9 @@ def _redeliverable(soft_limit_seconds: int) -> dict[str, Any]:
     **_redeliverable(SHORT_SOFT_LIMIT_SECONDS),
 )
 def dispatch_due() -> list[int]:
-    """Beat's task: queue a scheduled sync of every pair that is due; return their ids."""
+    """Beat's task: queue a scheduled sync of every pair that is due; return their ids.
+    Each tick is recorded (the console's health check reads it) and stale pairs alerted."""
+    runtime().alerts.dispatcher_ticked()
     pair_ids = runtime().service.due_pairs()
     request = asdict(SyncRequest(trigger=Trigger.SCHEDULE))
     for pair_id in pair_ids:
