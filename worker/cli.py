@@ -43,6 +43,8 @@ app.add_typer(db_app, name="db")
 app.add_typer(audiences_app, name="audiences")
 app.add_typer(runs_app, name="runs")
 app.add_typer(destinations_app, name="destinations")
+alerts_app = typer.Typer(no_args_is_help=True, help="Alert webhooks (the `alerts:` section).")
+app.add_typer(alerts_app, name="alerts")
 
 # Wider than any line: piped output is never cut or wrapped, whatever COLUMNS says.
 PIPED_WIDTH = 100_000
@@ -381,6 +383,28 @@ def destinations_check(
     for destination, is_ok, message in results:
         out.console.print(render.check_line(destination, is_ok, message), highlight=False)
     if not all(is_ok for _, is_ok, _ in results):
+        raise typer.Exit(1)
+
+
+@alerts_app.command("test")
+def alerts_test(
+    name: Annotated[str | None, typer.Argument(help="One alert (default: all).")] = None,
+) -> None:
+    """Post a test message to each alert webhook (or the named one), now."""
+    with _runtime() as runtime:
+        outcomes = runtime.alerts.send_test(name)
+    for sent in outcomes:
+        result = sent.outcome
+        if result.is_delivered:
+            out.console.print(f"{escape(sent.channel)}: delivered", highlight=False)
+        else:
+            out.console.print(
+                f"{escape(sent.channel)}: not delivered after {result.attempts} attempt(s): "
+                f"{escape(result.error or '')}",
+                highlight=False,
+                soft_wrap=True,
+            )
+    if not all(sent.outcome.is_delivered for sent in outcomes):
         raise typer.Exit(1)
 
 

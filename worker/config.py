@@ -288,7 +288,10 @@ def _build_alerts(
 
         if any(a.name == alert.name for a in alerts):
             fail("name", "another alert has this name")
-        url = str(resolve_env(alert.url, env, f"alerts[{index}].url"))
+        try:
+            url = str(resolve_env(alert.url, env, f"alerts[{index}].url"))
+        except ConfigError as exc:
+            fail("url", str(exc))
         scheme, _, rest = url.partition("://")
         if scheme.lower() not in ALERT_URL_SCHEMES or not rest.strip("/"):
             fail("url", "must be an http:// or https:// URL (a secret one as '${VAR}')")
