@@ -31,7 +31,6 @@ logger = logging.getLogger("audience_sync.alerts")
 
 OK = "ok"  # the state of a pair whose last run delivered everything
 STALE = "stale"
-DISPATCHER = "dispatcher"  # the heartbeat beat's dispatcher writes at each tick
 CRON_STALE_AFTER = timedelta(hours=24)
 TEST_EVENT = "test"
 # How long closing a process waits for the alerts still being posted.
@@ -282,7 +281,7 @@ class AlertNotifier:
         now = self._clock()
         pending: list[_Pending] = []
         with unit_of_work(self._sessions) as session:
-            alert_repo.beat(session, DISPATCHER, now=now)
+            alert_repo.beat(session, alert_repo.DISPATCHER, now=now)
             for pair in alert_repo.pair_activity(session):
                 if pair.state not in (None, OK) or not is_stale(
                     schedule=pair.schedule,

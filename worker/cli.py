@@ -43,6 +43,8 @@ app.add_typer(db_app, name="db")
 app.add_typer(audiences_app, name="audiences")
 app.add_typer(runs_app, name="runs")
 app.add_typer(destinations_app, name="destinations")
+metrics_app = typer.Typer(no_args_is_help=True, help="Prometheus metrics.")
+app.add_typer(metrics_app, name="metrics")
 alerts_app = typer.Typer(no_args_is_help=True, help="Alert webhooks (the `alerts:` section).")
 app.add_typer(alerts_app, name="alerts")
 
@@ -406,6 +408,20 @@ def alerts_test(
             )
     if not all(sent.outcome.is_delivered for sent in outcomes):
         raise typer.Exit(1)
+
+
+@metrics_app.command("serve")
+def metrics_serve(
+    port: Annotated[int, typer.Option(help="The port to listen on.")] = 9464,
+    host: Annotated[str, typer.Option(help="The address to listen on.")] = "127.0.0.1",
+) -> None:
+    """Serve the metrics for Prometheus at http://HOST:PORT/metrics (computed from the state
+    database at each scrape)."""
+    from worker.metrics import registry_for, serve
+
+    with _reports() as reports:
+        out.console.print(f"serving metrics on http://{host}:{port}/metrics", highlight=False)
+        serve(registry_for(reports), host=host, port=port)
 
 
 @app.command()

@@ -3,16 +3,20 @@ frozen values; no ORM object leaves this module."""
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import MappingProxyType
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.sync import SyncRun
 from worker.errors import NotFoundError
+from worker.repositories import alerts as alert_repo
 from worker.repositories import audiences as audience_repo
 from worker.repositories import failures as failure_repo
+from worker.repositories import monitoring as monitoring_repo
 from worker.repositories import runs as run_repo
+from worker.scheduling import next_due, parse_schedule
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +84,77 @@ class FailingUser:
     last_run_id: int
 
 
+@dataclass(frozen=True, slots=True)
+class PairMetrics:
+    """One pair's figures for the metrics, from the run history."""
+
+    audience: str
+    destination: str
+    last_success_at: datetime | None  # the end of its last succeeded or partial run
+    last_status: str | None
+    last_duration_seconds: float | None
+    runs: Mapping[str, int]  # status -> runs
+    calls_sent: int
+    calls_failed: int
+    quarantined: int
+    owed: int  # failing users not quarantined, and users in doubt: still to be sent
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsReport:
+    pairs: tuple[PairMetrics, ...]
+    members: Mapping[str, int]  # audience key -> members at its latest delivered run
+
+
+@dataclass(frozen=True, slots=True)
+class PairOverview:
+    """One pair as the console's overview shows it."""
+
+    audience: str
+    audience_name: str
+    destination: str
+    schedule: str
+    status: str | None  # of the latest run (None: never ran)
+    last_run_id: int | None
+    last_started_at: datetime | None
+    next_due_at: datetime
+    members: int
+    owed: int
+    quarantined: int
+    member_series: tuple[int, ...]  # members at the latest delivered runs, oldest first
+
+
+@dataclass(frozen=True, slots=True)
+class AudienceDetail:
+    key: str
+    name: str
+    source: str
+    query: str
+    schedule: str
+    destinations: tuple[str, ...]
+    max_exit_fraction: float
+    is_archived: bool
+    runs: tuple[RunRecord, ...]  # newest first
+
+
+@dataclass(frozen=True, slots=True)
+class RunPage:
+    """A run with one page of its per-user failures."""
+
+    run: RunRecord
+    failures: tuple[RunFailure, ...]
+    total_failures: int
+    page: int
+    pages: int
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    is_healthy: bool
+    reason: str | None
+    dispatcher_at: datetime | None
+
+
 class ReportService:
     """Read-only questions about audiences, runs and failures; one session per question,
     never a write. An audience key or run id that does not exist raises NotFoundError."""
@@ -125,6 +200,133 @@ class ReportService:
             )
             return RunDetail(_record(run, key, name), failures)
 
+    def metrics(self) -> MetricsReport:
+        """Every active pair's figures, from the run history and the failing users."""
+        with self._sessions() as session:
+            counts = monitoring_repo.run_counts(session)
+            delivered = monitoring_repo.last_delivered(session)
+            latest = monitoring_repo.latest_runs(session)
+            failing = monitoring_repo.failing_counts(session)
+            members = monitoring_repo.members_by_audience(session)
+            by_pair: dict[tuple[int, int], dict[str, tuple[int, int, int]]] = {}
+            for (a, d, status), figures in counts.items():
+                by_pair.setdefault((a, d), {})[status] = figures
+            pairs = []
+            keys = {}
+            for a, d, key, name, _schedule in monitoring_repo.active_pairs(session):
+                keys[a] = key
+                statuses = by_pair.get((a, d), {})
+                run = latest.get((a, d))
+                pairs.append(
+                    PairMetrics(
+                        audience=key,
+                        destination=name,
+                        last_success_at=delivered.get((a, d)),
+                        last_status=run.status if run else None,
+                        last_duration_seconds=_duration(run) if run else None,
+                        runs=MappingProxyType({s: n for s, (n, _, _) in statuses.items()}),
+                        calls_sent=sum(sent for _, sent, _ in statuses.values()),
+                        calls_failed=sum(failed for _, _, failed in statuses.values()),
+                        quarantined=failing.get((a, d, True), 0),
+                        owed=failing.get((a, d, False), 0),
+                    )
+                )
+            return MetricsReport(
+                tuple(pairs),
+                MappingProxyType({keys[a]: n for a, n in members.items() if a in keys}),
+            )
+
+    def overview(self, *, now: datetime, series_length: int = 20) -> list[PairOverview]:
+        """Every active pair: its latest run, next due time, members, owed users and the
+        members of its latest delivered runs."""
+        with self._sessions() as session:
+            latest = monitoring_repo.latest_runs(session)
+            failing = monitoring_repo.failing_counts(session)
+            series = monitoring_repo.member_series(session, per_pair=series_length)
+            names = {a.id: a.name for a in audience_repo.all_audiences(session)}
+            rows = []
+            for a, d, key, destination, schedule in monitoring_repo.active_pairs(session):
+                run = latest.get((a, d))
+                points = series.get((a, d), [])
+                rows.append(
+                    PairOverview(
+                        audience=key,
+                        audience_name=names.get(a, key),
+                        destination=destination,
+                        schedule=schedule,
+                        status=run.status if run else None,
+                        last_run_id=run.id if run else None,
+                        last_started_at=run.started_at if run else None,
+                        next_due_at=next_due(
+                            parse_schedule(schedule), run.started_at if run else None, now=now
+                        ),
+                        members=points[-1] if points else 0,
+                        owed=failing.get((a, d, False), 0),
+                        quarantined=failing.get((a, d, True), 0),
+                        member_series=tuple(points),
+                    )
+                )
+            return rows
+
+    def audience(self, key: str, *, runs: int = 50) -> AudienceDetail:
+        """One audience's definition and its latest runs (newest first)."""
+        with self._sessions() as session:
+            found = audience_repo.audience_by_key(session, key)
+            if found is None:
+                raise NotFoundError(f"no audience with key {key!r}")
+            names = {d.id: d.name for d in audience_repo.destinations_by_name(session).values()}
+            history = monitoring_repo.runs_of_audience(session, found.id, limit=runs)
+            return AudienceDetail(
+                key=found.key,
+                name=found.name,
+                source=found.source.name,
+                query=found.query,
+                schedule=found.schedule,
+                destinations=tuple(
+                    names[link.destination_id] for link in found.links if link.is_enabled
+                ),
+                max_exit_fraction=found.max_exit_fraction,
+                is_archived=found.is_archived,
+                runs=tuple(_record(run, found.key, name) for run, name in history),
+            )
+
+    def run_page(self, run_id: int, *, page: int = 1, per_page: int = 50) -> RunPage:
+        """One run with one page (from 1) of its per-user failures."""
+        with self._sessions() as session:
+            run = run_repo.get_run(session, run_id)
+            if run is None:
+                raise NotFoundError(f"no run {run_id}")
+            key, name = audience_repo.names_of_pair(session, run.audience_id, run.destination_id)
+            page = max(page, 1)
+            rows, total = monitoring_repo.failures_page(
+                session, run_id, offset=(page - 1) * per_page, limit=per_page
+            )
+            return RunPage(
+                run=_record(run, key, name),
+                failures=tuple(
+                    RunFailure(user=f.member_id, value=f.value, status=f.status, message=f.message)
+                    for f in rows
+                ),
+                total_failures=total,
+                page=page,
+                pages=max(1, -(-total // per_page)),
+            )
+
+    def health(self, *, now: datetime, dispatcher_within: timedelta) -> Health:
+        """Whether the state database answers and beat's dispatcher ticked lately."""
+        try:
+            with self._sessions() as session:
+                monitoring_repo.ping(session)
+                ticked = alert_repo.last_beat(session, alert_repo.DISPATCHER)
+        except SQLAlchemyError as exc:
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+            return Health(False, f"state database: {reason[0] if reason else 'error'}", None)
+        if ticked is None:
+            return Health(False, "beat's dispatcher has never run", None)
+        if now - ticked > dispatcher_within:
+            return Health(False, f"beat's dispatcher last ran at {ticked.isoformat()}", ticked)
+        return Health(True, None, ticked)
+
     def failing_users(
         self, *, audience_key: str | None = None, only_quarantined: bool = True
     ) -> list[FailingUser]:
@@ -149,6 +351,12 @@ class ReportService:
                 )
                 for member, key, name in rows
             ]
+
+
+def _duration(run: SyncRun) -> float | None:
+    if run.finished_at is None:
+        return None
+    return (run.finished_at - run.started_at).total_seconds()
 
 
 def _check_audience(session: Session, audience_key: str | None) -> None:

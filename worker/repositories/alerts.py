@@ -20,6 +20,8 @@ from models import (
 from worker.config import AlertSpec
 from worker.domain import RunMode, RunStatus
 
+# The heartbeat beat's dispatcher writes at each tick (read by the console's health check).
+DISPATCHER = "dispatcher"
 # Runs that count as a pair having synced (partial ones delivered all but some users).
 DELIVERED = (RunStatus.SUCCEEDED, RunStatus.PARTIAL)
 
