@@ -122,6 +122,23 @@ def database(backend: str) -> Iterator[str]:
         yield url
 
 
+def measure(backend: str, *, audiences: int, runs: int) -> str:
+    with database(backend) as url:
+        fill(url, audiences=audiences, runs=runs)
+        engine = make_engine(url)
+        reports = ReportService(session_factory=make_session_factory(engine))
+        registry = registry_for(reports)
+        scrape = timed(lambda: exposition(registry))
+        now = datetime.now(UTC)
+        overview = timed(lambda: reports.overview(now=now))
+        engine.dispose()
+    return (
+        f"{backend}: {audiences} audiences, {runs} runs: "
+        f"scrape median {scrape[0]:.1f} ms (slowest {scrape[1]:.1f} ms); "
+        f"overview median {overview[0]:.1f} ms (slowest {overview[1]:.1f} ms)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--audiences", type=int, default=100)
@@ -129,20 +146,7 @@ def main() -> None:
     parser.add_argument("--backend", action="append", choices=["sqlite", "postgresql"])
     options = parser.parse_args()
     for backend in options.backend or ["sqlite", "postgresql"]:
-        with database(backend) as url:
-            fill(url, audiences=options.audiences, runs=options.runs)
-            engine = make_engine(url)
-            reports = ReportService(session_factory=make_session_factory(engine))
-            registry = registry_for(reports)
-            scrape = timed(lambda: exposition(registry))
-            now = datetime.now(UTC)
-            overview = timed(lambda: reports.overview(now=now))
-            engine.dispose()
-        print(
-            f"{backend}: {options.audiences} audiences, {options.runs} runs: "
-            f"scrape median {scrape[0]:.1f} ms (slowest {scrape[1]:.1f} ms); "
-            f"overview median {overview[0]:.1f} ms (slowest {overview[1]:.1f} ms)"
-        )
+        print(measure(backend, audiences=options.audiences, runs=options.runs))
 
 
 if __name__ == "__main__":
