@@ -425,6 +425,25 @@ def metrics_serve(
 
 
 @app.command()
+def console(
+    host: Annotated[
+        str, typer.Option(help="The address to listen on (beyond this machine: set a token).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="The port to listen on.")] = 8080,
+) -> None:
+    """Serve the read-only web console (overview, audiences, runs, users, failures,
+    /healthz, /metrics). Listening beyond this machine needs AUDIENCE_SYNC_CONSOLE_TOKEN."""
+    from worker.console.app import check_bind
+    from worker.console.server import console_token, run_console
+
+    with _errors():
+        settings = get_settings()
+        check_bind(host, console_token(settings))
+        db.check_schema(settings.database_url)
+    run_console(settings, host=host, port=port)
+
+
+@app.command()
 def demo(
     directory: Annotated[Path, typer.Option("--dir", help="Where the demo writes.")] = Path(
         "demo-output"
