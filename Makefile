@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-sqlite lint format typecheck bench clean
+.PHONY: install demo test test-sqlite lint format typecheck bench chromium clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,12 @@ install: $(STAMP)
 demo: install
 	$(BIN)/audience-sync demo
 
+# The console's browser tests drive the system's Chromium (Debian's `chromium` package).
+chromium:
+	@test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
+
 # Needs PostgreSQL and Redis on localhost (see README, "Tests").
-test: install
+test: install chromium
 	$(BIN)/pytest
 
 # The tests that need no server (neither PostgreSQL, Redis nor MariaDB).
