@@ -9,6 +9,7 @@ logged at ERROR. Beat's dispatcher calls `dispatcher_ticked` each minute, which 
 tick (read by the console's health check) and marks the pairs gone stale.
 """
 
+import contextvars
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -338,9 +339,13 @@ class AlertNotifier:
         if not self._in_background:
             self._post_each(pending)
             return
-        # Not a daemon: a CLI process finishes posting before it exits.
+        # Not a daemon: a CLI process finishes posting before it exits. The run's log
+        # fields go along (the thread runs in a copy of this context).
+        context = contextvars.copy_context()
         thread = threading.Thread(
-            target=self._post_each, args=(list(pending),), name="audience-sync-alerts"
+            target=context.run,
+            args=(self._post_each, list(pending)),
+            name="audience-sync-alerts",
         )
         with self._lock:
             self._threads = [t for t in self._threads if t.is_alive()]

@@ -1,7 +1,6 @@
 """The `audience-sync` command line: thin commands that call the service."""
 
 import json
-import logging
 import sys
 import traceback
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from worker import db, render
 from worker.config import load_config
 from worker.domain import NoProgress, Progress, RunStatus, SyncRequest, Trigger
 from worker.errors import AudienceSyncError
+from worker.logs import configure as configure_logs
 from worker.reports import ReportService
 from worker.runtime import Runtime, build_runtime
 from worker.settings import get_settings
@@ -456,10 +456,18 @@ def demo(
         run_demo(directory, out.console)
 
 
+def _log_format() -> str:
+    # A bad setting is told by the command that reads the settings, in its own words.
+    try:
+        return get_settings().log_format
+    except ValidationError:
+        return "text"
+
+
 def main() -> None:
     """The entry point: what no command turned into a line of its own (a bug, most likely)
     is still one line, with the traceback behind `--debug`."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    configure_logs(_log_format())
     try:
         app()
     except Exception as exc:

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from models import SyncRun
+from worker import logs
 from worker.context import ServiceContext
 from worker.domain import (
     PairScope,
@@ -192,6 +193,7 @@ class RunLifecycle:
             audience_repo.hand_over_lock(session, pair_id, token, owner)
             if is_archive or request.retry_quarantined:
                 failure_repo.release_quarantine(session, audience.id, destination.id)
+            logs.bind_run(run.id, audience.key, destination.name)
             return OpenedRun(
                 run_id=run.id,
                 pair_id=pair_id,
@@ -332,6 +334,7 @@ class RunLifecycle:
         if is_closing:
             logger.info("sync finished %s", json.dumps(summary_fields(summary), sort_keys=True))
             self._ctx.run_ended(summary)
+            logs.unbind_run()
         return summary
 
     def summarize(

@@ -22,8 +22,15 @@ from typing import Any
 
 import redis
 from celery import Celery, Signature, Task, chord
-from celery.signals import worker_process_init, worker_process_shutdown, worker_shutdown
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_shutdown,
+)
 
+from worker import logs
 from worker.celery import (
     CHUNK_SOFT_LIMIT_SECONDS,
     HARD_LIMIT_MARGIN_SECONDS,
@@ -92,6 +99,13 @@ def _forget_inherited_runtime(**_: Any) -> None:
     # Connections must never cross a fork: a pool child builds its own runtime.
     global _runtime, _redis
     _runtime, _redis = None, None
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _structured_logs(logger: Any, **_: Any) -> None:
+    # Celery sets up its own handlers: give them the chosen format and the run's fields.
+    logs.apply_format(logger, get_settings().log_format)
 
 
 @worker_process_shutdown.connect
@@ -243,8 +257,11 @@ def deliver_chunk(
 ) -> dict[str, Any]:
     """Deliver one chunk of a fanned-out run; return `{"error": None}` or why it failed."""
     service, settings = runtime().service, runtime().settings
+    run = prepared_from_json(prepared)
     try:
-        service.deliver_range(prepared_from_json(prepared), after=after, upto=upto)
+        with logs.run_scope():
+            logs.bind_run(run.run_id, run.audience.key, run.destination_name)
+            service.deliver_range(run, after=after, upto=upto)
     except TransientDestinationError as exc:
         if self.request.retries < settings.task_retries:
             # Only what was not accepted is left in the chunk, so the retry resumes. The wait
