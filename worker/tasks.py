@@ -104,8 +104,9 @@ def _forget_inherited_runtime(**_: Any) -> None:
 @after_setup_logger.connect
 @after_setup_task_logger.connect
 def _structured_logs(logger: Any, **_: Any) -> None:
-    # Celery sets up its own handlers: give them the chosen format and the run's fields.
-    logs.apply_format(logger, get_settings().log_format)
+    # Celery sets up its own handlers; JSON replaces their format, text keeps Celery's.
+    if get_settings().log_format == "json":
+        logs.apply_format(logger, "json")
 
 
 @worker_process_shutdown.connect
