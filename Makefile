@@ -25,9 +25,9 @@ chromium:
 test: install chromium
 	$(BIN)/pytest
 
-# The tests that need no server (neither PostgreSQL, Redis nor MariaDB).
+# The tests that need no server (neither PostgreSQL, Redis, MariaDB nor RabbitMQ).
 test-sqlite: install
-	$(BIN)/pytest -m "not postgres and not redis and not mariadb"
+	$(BIN)/pytest -m "not postgres and not redis and not mariadb and not rabbitmq"
 
 lint: install
 	$(BIN)/ruff check .

@@ -369,7 +369,9 @@ def test_an_undeliverable_alert_is_retried_recorded_logged_and_the_sync_goes_on(
     assert (alert.outcome, alert.attempts, alert.response_status) == ("failed", 3, 500)
     assert "the webhook answered 500" in (alert.error or "")
     assert len(receiver.posts) == 3
-    [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    [record] = [
+        r for r in caplog.records if r.levelno == logging.ERROR and r.name == "audience_sync.alerts"
+    ]
     assert "not delivered after 3 attempt(s)" in record.getMessage()
     assert receiver.url not in record.getMessage()
     # A 4xx is final: one attempt.

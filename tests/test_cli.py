@@ -68,14 +68,20 @@ def _sync(*args: str) -> tuple[int, list[dict[str, object]]]:
     return result.exit_code, json.loads(history.stdout)
 
 
+def _applied(result_stdout: str) -> list[str]:
+    """The lines after the plan: what `apply` did."""
+    lines = result_stdout.strip().splitlines()
+    return lines[[i for i, line in enumerate(lines) if line.startswith("plan: ")][-1] + 1 :]
+
+
 def test_apply_creates_updates_and_archives(state: str, shop: ShopSource, tmp_path: Path) -> None:
     both = _config(tmp_path, shop, "Order Completed", "High-Value Customers")
     result = invoke("apply", str(both))
     assert result.exit_code == 0, result.output
-    assert result.stdout.strip() == "created: order_completed, high_value_customers"
-    assert invoke("apply", str(both)).stdout.strip() == (
+    assert _applied(result.stdout) == ["created: order_completed, high_value_customers"]
+    assert _applied(invoke("apply", str(both)).stdout) == [
         "unchanged: order_completed, high_value_customers"
-    )
+    ]
     listed = _table_rows(invoke("audiences", "list").stdout, 6)
     assert listed == [
         ["high_value_customers", "High-Value Customers", "shop", "every 2h", "local", ""],
@@ -83,7 +89,7 @@ def test_apply_creates_updates_and_archives(state: str, shop: ShopSource, tmp_pa
     ]
 
     one = _config(tmp_path, shop, "Order Completed")
-    assert invoke("apply", str(one)).stdout.strip().splitlines() == [
+    assert _applied(invoke("apply", str(one)).stdout) == [
         "archived: high_value_customers",
         "unchanged: order_completed",
     ]

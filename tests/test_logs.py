@@ -101,7 +101,10 @@ def test_cli_logs_json_lines_with_the_run(
     )
     assert result.returncode == 1
     lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
-    [alert] = [line for line in lines if line["level"] == "ERROR"]
+    [alert] = [line for line in lines if line["logger"] == "audience_sync.alerts"]
+    assert alert["level"] == "ERROR"
     assert "not delivered after 3 attempt(s)" in alert["message"]
     assert (alert["run_id"], alert["audience"], alert["destination"]) == (1, "a", "local")
+    # Every other line of the run names it too (a failed run's own line among them).
+    assert all(line["run_id"] == 1 for line in lines)
     assert all(line.startswith("{") for line in result.stderr.splitlines() if line.strip())

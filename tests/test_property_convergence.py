@@ -11,6 +11,7 @@ quarantined users) must leave every member `true`, every other user the destinat
 """
 
 import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -224,7 +225,8 @@ def _world(template: Path) -> Iterator[World]:
 
 
 @settings(
-    max_examples=30,
+    # 30 in the suite; `AUDIENCE_SYNC_PROPERTY_EXAMPLES=200` for a longer search.
+    max_examples=int(os.environ.get("AUDIENCE_SYNC_PROPERTY_EXAMPLES", "30")),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

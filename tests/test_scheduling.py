@@ -5,7 +5,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from worker.errors import ConfigError
-from worker.scheduling import DEFAULT_SCHEDULE, Schedule, next_due, parse_schedule
+from worker.scheduling import DEFAULT_SCHEDULE, Schedule, is_due, next_due, parse_schedule
 
 NOW = datetime(2026, 11, 28, 12, 34, 56, tzinfo=UTC)
 
@@ -97,16 +97,40 @@ def test_next_due(schedule: str, last_started_at: datetime | None, expected: dat
 
 
 @pytest.mark.parametrize(
-    ("schedule", "last_started_at", "is_due"),
+    ("schedule", "last_started_at", "due"),
     [
         ("every 2h", None, True),
         ("every 2h", NOW - timedelta(hours=2), True),
-        ("every 2h", NOW - timedelta(hours=2) + timedelta(seconds=1), False),
+        # Within half of beat's one-minute tick: this tick is the nearest to the due time.
+        ("every 2h", NOW - timedelta(hours=2) + timedelta(seconds=1), True),
+        ("every 2h", NOW - timedelta(hours=2) + timedelta(seconds=30), True),
+        ("every 2h", NOW - timedelta(hours=2) + timedelta(seconds=31), False),
+        ("every 1m", NOW - timedelta(seconds=58), True),
+        ("every 1m", NOW - timedelta(seconds=29), False),
         ("every 30m", NOW - timedelta(minutes=31), True),
         ("every 30m", NOW - timedelta(minutes=29), False),
         ("0 */3 * * *", at(11, 59), True),  # the 12:00 slot passed
         ("0 */3 * * *", at(12, 0), False),  # ran in the 12:00 slot; next is 15:00
+        ("35 12 * * *", at(12, 0), True),  # 12:35:00 is 4 s away: no later tick is nearer
+        ("36 12 * * *", at(12, 0), False),
+        # A run a few seconds early for its slot took it: the slot is not run again.
+        ("35 12 * * *", at(12, 34, 50), False),
     ],
 )
-def test_due_now(schedule: str, last_started_at: datetime | None, is_due: bool) -> None:
-    assert (next_due(parse_schedule(schedule), last_started_at, now=NOW) <= NOW) is is_due
+def test_due_now(schedule: str, last_started_at: datetime | None, due: bool) -> None:
+    assert is_due(next_due(parse_schedule(schedule), last_started_at, now=NOW), now=NOW) is due
+
+
+@pytest.mark.parametrize(
+    ("next_due_at", "due"),
+    [
+        (NOW, True),
+        (NOW - timedelta(days=3), True),
+        (NOW + timedelta(seconds=30), True),
+        (NOW + timedelta(seconds=30, microseconds=1), False),
+        (NOW + timedelta(minutes=1), False),
+    ],
+)
+def test_is_due_within_half_a_tick(next_due_at: datetime, due: bool) -> None:
+    assert is_due(next_due_at, now=NOW) is due
+    assert is_due(next_due_at, now=NOW, tick=timedelta(seconds=0)) is (next_due_at <= NOW)

@@ -24,6 +24,7 @@ Module map (one line each; the service's parts run top to bottom of a run):
     runs           the run lifecycle: open, snapshot, plan, guards; finish, fail
     delivery       delivering a run's changes page by page and recording the answers
     archive        archiving an audience: a run against an empty membership
+    plan           the plan of an apply (create, change, revive, archive) and its refusals
     catalog        apply a configuration, select pairs, status, checks, reads
     service        SyncService, the one door the CLI, tasks, demo and bench call
     reports        the read side the CLI and the console show: audiences, history, runs,

@@ -1,31 +1,106 @@
 """The catalog: apply a configuration, pick the pairs to sync, tell what each pair's schedule
 says, check the destinations (the other reads are `worker.reports`)."""
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+
+from sqlalchemy.orm import Session
 
 from worker.config import Config, resolve_source_url
 from worker.context import ServiceContext
 from worker.domain import ApplyReport, PairStatus
 from worker.errors import ConfigError, DestinationError, NotFoundError, SourceError
+from worker.plan import (
+    ApplyRefused,
+    AudienceState,
+    CatalogState,
+    DestinationState,
+    Plan,
+    SourceState,
+    compute_plan,
+)
 from worker.repositories import alerts as alert_repo
 from worker.repositories import audiences as audience_repo
 from worker.repositories import runs as run_repo
-from worker.scheduling import next_due, parse_schedule
+from worker.scheduling import is_due, next_due, parse_schedule
 from worker.sources import check_query
+
+
+def _catalog_state(session: Session) -> CatalogState:
+    """The catalog's current values, as the plan compares them."""
+    sources = audience_repo.sources_by_name(session)
+    destinations = audience_repo.destinations_by_name(session)
+    names = {d.id: d.name for d in destinations.values()}
+    return CatalogState(
+        sources=tuple(
+            SourceState(s.name, s.url, s.statement_timeout_seconds) for s in sources.values()
+        ),
+        destinations=tuple(
+            DestinationState(d.name, d.type, dict(d.settings)) for d in destinations.values()
+        ),
+        audiences=tuple(
+            AudienceState(
+                key=a.key,
+                name=a.name,
+                source=a.source.name,
+                query=a.query,
+                schedule=a.schedule,
+                destinations=tuple(
+                    sorted(names[link.destination_id] for link in a.links if link.is_enabled)
+                ),
+                max_exit_fraction=a.max_exit_fraction,
+                is_archived=a.is_archived,
+            )
+            for a in audience_repo.all_audiences(session)
+        ),
+    )
 
 
 class Catalog:
     def __init__(self, ctx: ServiceContext) -> None:
         self._ctx = ctx
 
-    def apply(self, config: Config, *, check_queries: bool = True) -> ApplyReport:
+    def plan(
+        self,
+        config: Config,
+        *,
+        check_queries: bool = False,
+        allow_archive_all: bool = False,
+        allowed_new_keys: Collection[str] = (),
+    ) -> Plan:
+        """What applying `config` would do, and why it would be refused (changes nothing)."""
+        if check_queries:
+            self._check_queries(config)
+        with self._ctx.unit_of_work() as session:
+            return compute_plan(
+                _catalog_state(session),
+                config,
+                allow_archive_all=allow_archive_all,
+                allowed_new_keys=allowed_new_keys,
+            )
+
+    def apply(
+        self,
+        config: Config,
+        *,
+        check_queries: bool = True,
+        allow_archive_all: bool = False,
+        allowed_new_keys: Collection[str] = (),
+    ) -> ApplyReport:
         """Create/update sources, destinations and audiences from a validated Config, in one
-        transaction; audiences missing from it are archived."""
+        transaction; audiences missing from it are archived. The plan is computed inside that
+        transaction; a refused plan (see `worker.plan`) raises ApplyRefused, writing nothing."""
         if check_queries:
             self._check_queries(config)
         now = self._ctx.clock()
-        report = ApplyReport()
         with self._ctx.unit_of_work() as session:
+            plan = compute_plan(
+                _catalog_state(session),
+                config,
+                allow_archive_all=allow_archive_all,
+                allowed_new_keys=allowed_new_keys,
+            )
+            if plan.is_refused:
+                raise ApplyRefused(plan)
             sources = audience_repo.save_sources(session, config.sources)
             destinations = audience_repo.save_destinations(session, config.destinations)
             existing = {a.key: a for a in audience_repo.all_audiences(session)}
@@ -43,18 +118,14 @@ class Catalog:
                     audience = audience_repo.create_audience(
                         session, key=aspec.key, now=now, **values
                     )
-                    report.created.append(aspec.key)
-                elif audience_repo.update_audience(session, audience, now=now, **values):
-                    report.updated.append(aspec.key)
                 else:
-                    report.unchanged.append(aspec.key)
+                    audience_repo.update_audience(session, audience, now=now, **values)
                 wanted = {destinations[name].id for name in aspec.destinations}
                 audience_repo.set_destinations(session, audience, wanted)
             for audience in existing.values():
-                if audience_repo.archive_audience(session, audience, now=now):
-                    report.archived.append(audience.key)
+                audience_repo.archive_audience(session, audience, now=now)
             alert_repo.save_channels(session, config.alerts)
-        return report
+        return plan.report()
 
     def _check_queries(self, config: Config) -> None:
         sources = {s.name: s for s in config.sources}
@@ -149,10 +220,10 @@ class Catalog:
         rows = self.status()
         # Read the clock after status(): a pair that never ran is due at status()'s own now.
         now = self._ctx.clock()
-        return [p.pair_id for p in rows if p.next_due_at <= now and not p.is_running]
+        return [p.pair_id for p in rows if is_due(p.next_due_at, now=now) and not p.is_running]
 
     def is_due(self, pair_id: int) -> bool:
         """Whether the pair's schedule says it should run now (held by a run or not)."""
         rows = self.status()
         now = self._ctx.clock()
-        return any(p.pair_id == pair_id and p.next_due_at <= now for p in rows)
+        return any(p.pair_id == pair_id and is_due(p.next_due_at, now=now) for p in rows)

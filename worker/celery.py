@@ -4,11 +4,12 @@ from typing import Any
 
 from celery import Celery
 
+from worker.scheduling import DISPATCH_TICK
 from worker.settings import Settings
 
 # Beat only wakes the dispatcher; which pairs are due is read from the state database on each
 # tick, so `apply` changes the schedule without restarting beat.
-DISPATCH_EVERY_SECONDS = 60.0
+DISPATCH_EVERY_SECONDS = DISPATCH_TICK.total_seconds()
 
 # The soft limit raises inside the task, which then fails like on any error (a failed chunk
 # fails its run; a sync stopped mid-way leaves its lock to expire); the hard limit, a minute
@@ -23,13 +24,27 @@ HARD_LIMIT_MARGIN_SECONDS = 60
 VISIBILITY_TIMEOUT_SECONDS = 4 * 3600
 
 
+def broker_url(settings: Settings) -> str:
+    """The Celery broker: AUDIENCE_SYNC_BROKER_URL (RabbitMQ's `amqp://`, or Redis), else the
+    Redis URL."""
+    return settings.broker_url or settings.redis_url
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery configuration for these settings (plain values, no connection made)."""
+    broker = broker_url(settings)
     return {
-        "broker_url": settings.redis_url,
+        "broker_url": broker,
+        # Results stay in Redis (where the rate buckets are) whatever the broker is.
         "result_backend": settings.redis_url,
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS},
+        # Redis only (RabbitMQ redelivers a dead worker's task when its connection drops, and
+        # ends a consumer that holds a task unacknowledged past its `consumer_timeout`).
+        "broker_transport_options": (
+            {"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS}
+            if broker.startswith(("redis://", "rediss://"))
+            else {}
+        ),
         "result_backend_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS},
         "task_default_queue": settings.celery_queue,
         "task_serializer": "json",

@@ -202,12 +202,65 @@ def apply(
     check_queries: Annotated[
         bool, typer.Option(help="Run each query once (no rows) to refuse broken ones.")
     ] = True,
+    plan_only: Annotated[
+        bool, typer.Option("--plan", help="Print what would change, change nothing.")
+    ] = False,
+    allow_archive_all: Annotated[
+        bool,
+        typer.Option("--allow-archive-all", help="Let the file archive every active audience."),
+    ] = False,
+    allow_new_keys: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-new-key",
+            metavar="KEY",
+            help="Create this audience although it looks like a rename (repeatable).",
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
-    """Create or update sources, destinations and audiences from FILE (all or nothing)."""
+    """Print the plan of FILE (what it creates, changes, revives, archives), then apply it
+    (all or nothing). A file that would archive every active audience, or that looks like it
+    renames an audience without `key:`, is refused (exit 2, nothing changed)."""
+    new_keys = tuple(allow_new_keys or ())
     with _runtime() as runtime:
-        report = runtime.service.apply(load_config(file), check_queries=check_queries)
-    for line in render.apply_lines(report):
-        out.console.print(line)
+        config = load_config(file)
+        plan = runtime.service.plan(
+            config,
+            # A real apply checks the queries itself, before its transaction.
+            check_queries=check_queries and plan_only,
+            allow_archive_all=allow_archive_all,
+            allowed_new_keys=new_keys,
+        )
+        is_applying = not plan_only and not plan.is_refused
+        if not as_json:
+            for line in render.plan_lines(plan):
+                out.console.print(line, highlight=False, markup=False)
+        report = (
+            runtime.service.apply(
+                config,
+                check_queries=check_queries,
+                allow_archive_all=allow_archive_all,
+                allowed_new_keys=new_keys,
+            )
+            if is_applying
+            else None
+        )
+    if as_json:
+        _print_json(render.plan_json(plan, is_applied=report is not None))
+    for refusal in plan.refusals:
+        out.err_console.print(
+            f"[bold red]refused:[/] {escape(refusal)}", highlight=False, soft_wrap=True
+        )
+    if plan.is_refused:
+        raise typer.Exit(USAGE_ERROR)
+    if report is None:
+        if not as_json:
+            out.console.print("nothing changed (--plan)")
+        return
+    if not as_json:
+        for line in render.apply_lines(report):
+            out.console.print(line)
 
 
 @audiences_app.command("list")
@@ -295,7 +348,8 @@ def _enqueue(pair_ids: list[int], request: SyncRequest) -> None:
             traceback.print_exc()
         _fail(
             f"cannot reach the broker at {maybe_sanitize_url(url)} ({_one_line(str(exc))}): "
-            "is Redis running? check AUDIENCE_SYNC_REDIS_URL"
+            "is the broker running? check AUDIENCE_SYNC_BROKER_URL (default: "
+            "AUDIENCE_SYNC_REDIS_URL)"
         )
     finally:
         probe.release()

@@ -6,6 +6,7 @@ this module adds the file's line numbers to what it reports.
 The result is a plain `Config` value; nothing here touches the state database.
 """
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -196,7 +197,7 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
         raise ConfigError(f"{path}{at}: {describe_error(exc)[1]}") from None
     config = _build(model, env, root, path)
     alerts = _build_alerts(model, config, env, root, path)
-    return Config(config.sources, config.destinations, config.audiences, alerts)
+    return dataclasses.replace(config, alerts=alerts)
 
 
 def _build(

@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from worker.domain import ApplyReport, PairStatus, RunSummary
+from worker.plan import Action, FieldChange, Plan
 from worker.reports import AudienceListing, FailingUser, RunDetail, RunRecord
 
 STATUS_COLOURS = {
@@ -240,3 +241,73 @@ def check_line(destination: str, is_ok: bool, message: str) -> str:
     """One destination's credential check (rich markup)."""
     mark = "[green]ok[/]" if is_ok else "[red]failed[/]"
     return f"{destination}: {mark} {escape(message)}"
+
+
+_PLAN_KINDS = ("source", "destination", "audience")
+_PLAN_ACTIONS = (Action.CREATE, Action.CHANGE, Action.REVIVE, Action.ARCHIVE)
+
+
+def _plan_value(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return ", ".join(str(v) for v in value) or "none"
+    if value is None:
+        return "none"
+    # A query over several lines reads as one line in a plan (spacing never matters to it).
+    return " ".join(str(value).split())
+
+
+def _plan_change(change: FieldChange, *, is_new: bool) -> list[str]:
+    if is_new:
+        return [f"  {change.field}: {_plan_value(change.after)}"]
+    if change.field == "query":
+        return [
+            "  query:",
+            f"    - {_plan_value(change.before)}",
+            f"    + {_plan_value(change.after)}",
+        ]
+    return [f"  {change.field}: {_plan_value(change.before)} -> {_plan_value(change.after)}"]
+
+
+def plan_lines(plan: Plan) -> list[str]:
+    """The plan of an apply, plain text: each source, destination and audience it creates,
+    changes (field by field), revives or archives, the unchanged ones on one line per kind,
+    then a count."""
+    lines = []
+    for kind in _PLAN_KINDS:
+        for item in plan.items:
+            if item.kind != kind or item.action == Action.UNCHANGED:
+                continue
+            lines.append(f"{kind} {item.name}: {item.action}")
+            for change in item.changes:
+                lines += _plan_change(change, is_new=item.action == Action.CREATE)
+            if item.action == Action.ARCHIVE:
+                lines.append(
+                    "  no more syncs; its destinations keep the trait "
+                    f"(`audience-sync archive {item.name} --exit-members` sends them false)"
+                )
+        unchanged = plan.keys(kind, Action.UNCHANGED)
+        if unchanged:
+            lines.append(f"{kind}s unchanged: {', '.join(unchanged)}")
+    counts = [
+        f"{len([i for i in plan.items if i.kind == 'audience' and i.action == a])} to {a}"
+        for a in _PLAN_ACTIONS
+    ]
+    lines.append(f"plan: audiences {', '.join(counts)}")
+    return lines
+
+
+def plan_json(plan: Plan, *, is_applied: bool) -> dict[str, Any]:
+    """The plan as `apply --json` prints it."""
+    return {
+        "is_applied": is_applied,
+        "refusals": list(plan.refusals),
+        "items": [
+            {
+                "kind": item.kind,
+                "name": item.name,
+                "action": str(item.action),
+                "changes": [json_value(change) for change in item.changes],
+            }
+            for item in plan.items
+        ],
+    }

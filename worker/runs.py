@@ -40,6 +40,12 @@ from worker.repositories import synced as synced_repo
 from worker.snapshotting import TakenSnapshot, take_snapshot
 
 logger = logging.getLogger("audience_sync")
+# The level of a run's closing line: what an operator must look at stands out in the log.
+RUN_LOG_LEVELS = {
+    RunStatus.FAILED: logging.ERROR,
+    RunStatus.BLOCKED: logging.WARNING,
+    RunStatus.PARTIAL: logging.WARNING,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,7 +338,11 @@ class RunLifecycle:
             session.refresh(run)
             summary = self.summarize(run, pair.audience.key, pair.destination.name, started)
         if is_closing:
-            logger.info("sync finished %s", json.dumps(summary_fields(summary), sort_keys=True))
+            logger.log(
+                RUN_LOG_LEVELS.get(status, logging.INFO),
+                "sync finished %s",
+                json.dumps(summary_fields(summary), sort_keys=True),
+            )
             self._ctx.run_ended(summary)
             logs.unbind_run()
         return summary

@@ -5,7 +5,7 @@ the state database consistent: the synced state of a user moves only in the same
 transaction that records the destination's acceptance.
 """
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,6 +27,7 @@ from worker.domain import (
     SyncRequest,
     Trigger,
 )
+from worker.plan import Plan
 from worker.pool import DestinationPool
 from worker.runs import RunLifecycle
 from worker.settings import Settings
@@ -65,8 +66,35 @@ class SyncService:
 
     # ----------------------------------------------------------------- catalog
 
-    def apply(self, config: Config, *, check_queries: bool = True) -> ApplyReport:
-        return self._catalog.apply(config, check_queries=check_queries)
+    def apply(
+        self,
+        config: Config,
+        *,
+        check_queries: bool = True,
+        allow_archive_all: bool = False,
+        allowed_new_keys: Collection[str] = (),
+    ) -> ApplyReport:
+        return self._catalog.apply(
+            config,
+            check_queries=check_queries,
+            allow_archive_all=allow_archive_all,
+            allowed_new_keys=allowed_new_keys,
+        )
+
+    def plan(
+        self,
+        config: Config,
+        *,
+        check_queries: bool = False,
+        allow_archive_all: bool = False,
+        allowed_new_keys: Collection[str] = (),
+    ) -> Plan:
+        return self._catalog.plan(
+            config,
+            check_queries=check_queries,
+            allow_archive_all=allow_archive_all,
+            allowed_new_keys=allowed_new_keys,
+        )
 
     def select_pairs(
         self, *, audience_keys: Sequence[str] = (), destination_name: str | None = None

@@ -12,6 +12,9 @@ class Settings(BaseSettings):
 
     database_url: str = "sqlite:///./audience_sync.db"
     redis_url: str = "redis://localhost:6379/0"
+    # The Celery broker (e.g. amqp://user:password@rabbitmq:5672//); default: the Redis URL.
+    # Results and the shared rate limiter stay in Redis whatever the broker.
+    broker_url: str | None = None
 
     # Snapshots kept per audience; older ones are pruned after each run.
     snapshots_kept: int = Field(default=3, ge=2)

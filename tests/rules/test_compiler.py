@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, inspect, text
 
 from tests.rules.evaluator import Dataset
-from tests.rules.warehouse import load, metadata, warehouse
+from tests.rules.warehouse import DIALECTS, SERVER_MARKS, load, metadata, warehouse
 from worker.errors import ConfigError, SourceError
 from worker.rules.compiler import compile_audience, render_sql
 from worker.rules.grammar import Rule, parse_rules
@@ -101,6 +101,18 @@ def test_a_stitched_anonymous_event_counts_for_its_user(source: tuple[Engine, La
     assert members(source, {"performed": "Page Viewed"}, include_anonymous=True) == {
         (None, None, "a9")
     }
+
+
+def test_a_trait_compared_with_null_is_false_and_its_negation_true(
+    source: tuple[Engine, Layout],
+) -> None:
+    adults = {"trait": {"age": {"gte": 18}}}
+    assert members(source, adults) == {("u1", "one@example.com")}
+    assert members(source, {"not": adults}) == {("u2", SQL_LOOKING)}
+    assert members(source, {"not": {"not": {"not": adults}}}) == {("u2", SQL_LOOKING)}
+    either = {"any": [adults, {"performed": "Order Completed"}]}
+    assert members(source, either) == {("u1", "one@example.com"), ("u2", SQL_LOOKING)}
+    assert members(source, {"all": [{"not": adults}, either]}) == {("u2", SQL_LOOKING)}
 
 
 @pytest.mark.parametrize(
@@ -250,6 +262,33 @@ def test_the_tables_of_the_layouts_schema_are_read(dialect: str, tmp_path: Path)
 
 
 @pytest.mark.parametrize(
+    "dialect", [pytest.param(d, marks=SERVER_MARKS.get(d, [])) for d in DIALECTS]
+)
+@pytest.mark.parametrize(
+    ("condition", "is_member"),
+    [
+        ({"gt": 29.5}, True),
+        ({"gte": 30.5}, False),
+        ({"lt": 30.5}, True),
+        ({"eq": 29.6}, False),
+        ({"ne": 30.4}, True),
+        ({"in": [0, 29.6]}, False),
+        ({"not_in": [30.4]}, True),
+    ],
+)
+def test_a_fraction_compares_with_a_whole_number_column_unrounded(
+    dialect: str, condition: dict[str, object], is_member: bool, tmp_path: Path
+) -> None:
+    with warehouse(dialect, tmp_path) as engine:
+        load(engine, Dataset(users=[{"id": "u1", "email": None, "plan": None, "age": 30}]))
+        layout = reflect_layout(engine, LayoutSpec())
+        rules = parse_rules({"trait": {"age": condition}})
+        query = compile_audience(rules, layout, now=NOW, audience="this")
+        with engine.connect() as connection:
+            assert (connection.execute(query).all() == [("u1", None)]) is is_member
+
+
+@pytest.mark.parametrize(
     ("data", "expected"),
     [
         ({"url": "sqlite://", "layout": "segment"}, LayoutSpec()),
@@ -279,3 +318,25 @@ def test_bad_layout_settings_are_refused(data: object, message: str) -> None:
     with pytest.raises(ConfigError) as raised:
         parse_layout_spec(data)
     assert message in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("rules", "shape"),
+    [
+        ({"not": {"performed": "Page Viewed"}}, "NOT (EXISTS (SELECT"),
+        ({"performed": "Page Viewed", "count": {"at_most": 1}}, "NOT (EXISTS (SELECT"),
+        ({"all": [{"trait": {"plan": {"eq": "pro"}}}, {"not": {"in_audience": "pro"}}]}, "EXISTS"),
+        ({"any": [{"trait": {"age": {"gt": 3}}}, {"not": {"performed": "Page Viewed"}}]}, "NOT IN"),
+    ],
+)
+def test_a_negation_among_the_wheres_terms_is_not_exists(
+    source: tuple[Engine, Layout], rules: object, shape: str
+) -> None:
+    """NOT EXISTS becomes an anti-join on PostgreSQL; NOT IN is probed row by row there once
+    the list outgrows memory. Below `any` an EXISTS would be a subplan per row all the same."""
+    _, layout = source
+    resolve = {"pro": parse_rules({"trait": {"plan": {"eq": "pro"}}})}.__getitem__
+    query = compile_audience(parse_rules(rules), layout, now=NOW, audience="x", resolve=resolve)
+    sql = render_sql(query, "postgresql")[0]
+    assert shape in sql
+    assert ("NOT IN" in sql) is (shape == "NOT IN")

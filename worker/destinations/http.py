@@ -37,6 +37,9 @@ from worker.errors import (
 from worker.ratelimit import BadRequestGuard, RateLimiter, is_bad_request
 
 log = logging.getLogger(__name__)
+# httpx logs every request at INFO, which would drown a worker's log (one line per batch):
+# this module logs each request at DEBUG instead, with the destination's name.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 # A server asking for a longer pause than this fails the run (the scheduler retries it later)
 # instead of parking a worker for that long.
@@ -267,10 +270,21 @@ class DestinationHttpClient:
     def _request(self, method: str, path: str, content: bytes | None) -> httpx.Response:
         self._limiter.acquire()
         headers = {"Content-Type": "application/json"} if content is not None else None
+        started = time.monotonic()
         try:
-            return self._client.request(method, path, content=content, headers=headers)
+            response = self._client.request(method, path, content=content, headers=headers)
         except httpx.TransportError as exc:  # timeouts, refused or dropped connections
             raise _RetryableFailure(self._auth.scrub(f"{type(exc).__name__} ({exc})")) from exc
+        log.debug(
+            "destination %s: %s %s%s answered %d in %.3fs",
+            self.destination,
+            method,
+            self.base_url,
+            path,
+            response.status_code,
+            time.monotonic() - started,
+        )
+        return response
 
     def _answer(self, method: str, path: str, response: httpx.Response) -> HttpResult:
         status = response.status_code

@@ -4,7 +4,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from models import Audience, Destination, SyncRun
@@ -117,10 +117,17 @@ def history(
 
 
 def last_started(session: Session) -> dict[tuple[int, int], datetime]:
-    """Start time of each pair's latest run that did real work (not skipped)."""
+    """Start time of each pair's latest run that counts for its schedule. Dry runs, skipped
+    runs and blocked manual runs do not: they sent nothing, so they do not move the
+    schedule. A blocked scheduled run does count: it took its slot (the pair tries again at
+    the next one instead of reading a broken source every minute)."""
     rows = session.execute(
         select(SyncRun.audience_id, SyncRun.destination_id, func.max(SyncRun.started_at))
-        .where(SyncRun.status != RunStatus.SKIPPED)
+        .where(
+            SyncRun.status != RunStatus.SKIPPED,
+            SyncRun.mode != RunMode.DRY_RUN,
+            or_(SyncRun.status != RunStatus.BLOCKED, SyncRun.trigger == Trigger.SCHEDULE),
+        )
         .group_by(SyncRun.audience_id, SyncRun.destination_id)
     ).all()
     return {(a, d): started for a, d, started in rows}

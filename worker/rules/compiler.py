@@ -21,11 +21,9 @@ from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
 from sqlalchemy import (
-    CTE,
     BindParameter,
     Column,
     ColumnElement,
-    FromClause,
     Select,
     Subquery,
     Table,
@@ -33,6 +31,7 @@ from sqlalchemy import (
     bindparam,
     case,
     cast,
+    exists,
     func,
     literal,
     not_,
@@ -75,7 +74,10 @@ class _Context:
     resolve: AudienceResolver
     path: tuple[str, ...]  # audiences being compiled, outermost first: a repeat is a cycle
     is_anonymous: bool  # keyed by anonymous id (the anonymous part of the universe)
-    stitched: CTE  # computed once per query, however many events the rules name
+    row_key: ColumnElement[Any] | None = None  # the key when it is a `users` row's own id
+    # The predicate is one of the ANDed terms of a WHERE (not below `any` or `not`), where
+    # PostgreSQL turns NOT EXISTS into an anti-join.
+    is_conjunct: bool = True
 
 
 def compile_audience(
@@ -96,10 +98,10 @@ def compile_audience(
     """
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
-    context = _Context(layout, now, resolve or _no_audiences, (audience,), False, _stitch(layout))
     users = layout.users
     email = users.c["email"] if "email" in users.c else null()
     known = users.c["id"]
+    context = _Context(layout, now, resolve or _no_audiences, (audience,), False, known)
     identified = select(
         known.label("user_id"),
         email.label("email"),
@@ -108,7 +110,7 @@ def compile_audience(
     if not include_anonymous:
         return identified
     anonymous = _unstitched_anonymous_ids(layout, layout.tracks).subquery("anonymous_ids")
-    anonymous_context = replace(context, is_anonymous=True)
+    anonymous_context = replace(context, is_anonymous=True, row_key=None)
     unknown = select(
         null().label("user_id"),
         null().label("email"),
@@ -143,85 +145,125 @@ def _predicate(rule: Rule, key: ColumnElement[Any], context: _Context) -> Column
     if isinstance(rule, All):
         return and_(*(_predicate(r, key, context) for r in rule.rules))
     if isinstance(rule, AnyOf):
-        return or_(*(_predicate(r, key, context) for r in rule.rules))
+        inside = replace(context, is_conjunct=False)
+        return or_(*(_predicate(r, key, inside) for r in rule.rules))
     if isinstance(rule, Not):
-        return not_(_predicate(rule.rule, key, context))
+        # Below a `not`, a trait's NULL comparison must stay a definite false (see _trait).
+        inside = replace(context, row_key=None)
+        if isinstance(rule.rule, All | AnyOf | Not):
+            return not_(_predicate(rule.rule, key, replace(inside, is_conjunct=False)))
+        return _leaf(rule.rule, key, inside, negate=True)
+    return _leaf(rule, key, context, negate=False)
+
+
+def _leaf(
+    rule: Performed | Trait | InAudience,
+    key: ColumnElement[Any],
+    context: _Context,
+    *,
+    negate: bool,
+) -> ColumnElement[bool]:
+    """The condition `rule` (with `negate`: its negation) puts on `key`."""
     if isinstance(rule, Performed):
-        return _performed(rule, key, context)
+        return _performed(rule, key, context, negate)
     if isinstance(rule, Trait):
-        return _trait(rule, key, context)
-    return _in_audience(rule, key, context)
+        return _trait(rule, key, context, negate)
+    return _in_audience(rule, key, context, negate)
 
 
-def _performed(rule: Performed, key: ColumnElement[Any], context: _Context) -> ColumnElement[bool]:
+def _performed(
+    rule: Performed, key: ColumnElement[Any], context: _Context, negate: bool
+) -> ColumnElement[bool]:
     layout = context.layout
     events = layout.event_table(rule.event)
     what = f"performed {rule.event!r}"
-    person, source, filters = _event_person(context, events)
+    person, filters = _event_person(context, events)
     filters += [_condition(layout, events, c, what) for c in rule.where]
     if rule.window is not None:
         filters += _window(events.c["timestamp"], rule.window, context.now)
-    people = select(person).select_from(source).where(*filters).group_by(person)
+    counted = select(person.label(MEMBER_KEY)).where(*filters).subquery()
+    member = counted.c[MEMBER_KEY]
+    # The NULL test in HAVING, not WHERE: PostgreSQL would compute the stitching lookup twice
+    # per anonymous event (once to filter, once to group); in HAVING it reads the group's key.
+    people = select(member).group_by(member).having(member.is_not(null()))
     kind, times = rule.count.kind, rule.count.times
     if kind is CountKind.AT_LEAST:
         if times == 0:
-            return true()
-        return _among(key, people.having(func.count() >= times))
+            return _constant(not negate)
+        return _among(key, people.having(func.count() >= times), context, is_in=not negate)
     if kind is CountKind.AT_MOST:
-        return not_(_among(key, people.having(func.count() > times)))
+        return _among(key, people.having(func.count() > times), context, is_in=negate)
     if times == 0:
-        return not_(_among(key, people))
-    return _among(key, people.having(func.count() == times))
+        return _among(key, people, context, is_in=negate)
+    return _among(key, people.having(func.count() == times), context, is_in=not negate)
 
 
-def _among(key: ColumnElement[Any], keys: Select[Any]) -> ColumnElement[bool]:
-    """`key IN (keys)`; never correlated, as the subqueries read tables the outer query reads."""
-    return key.in_(keys.correlate(None))
+def _among(
+    key: ColumnElement[Any], keys: Select[Any], context: _Context, *, is_in: bool
+) -> ColumnElement[bool]:
+    """Whether `key` is (`is_in`) or is not one of `keys`, a one-column SELECT without NULLs.
+
+    `key IN (keys)`, or its negation as NOT EXISTS where that is a term of a WHERE's AND:
+    PostgreSQL makes it an anti-join, where NOT IN probes the whole list once per person as
+    soon as the list is too large to hash in memory (hours on a million users). Elsewhere
+    (below `any`), NOT IN: an EXISTS there is a subplan per person too, and costs more to
+    plan. Without NULLs on either side the two mean the same. `keys` itself is never
+    correlated: it reads tables the outer query reads too.
+    """
+    keys = keys.correlate(None)
+    if is_in:
+        return key.in_(keys)
+    if not context.is_conjunct:
+        return not_(key.in_(keys))
+    return not_(_exists_equal(key, keys))
+
+
+def _exists_equal(key: ColumnElement[Any], keys: Select[Any]) -> ColumnElement[bool]:
+    found = keys.subquery()
+    (member,) = found.c
+    return exists().select_from(found).where(member == key).correlate_except(found)
+
+
+def _constant(value: bool) -> ColumnElement[bool]:
+    return true() if value else not_(true())
 
 
 def _event_person(
     context: _Context, events: Table
-) -> tuple[ColumnElement[Any], FromClause, list[ColumnElement[bool]]]:
-    """Who an event row counts for, the FROM clause that tells it, and the rows that count."""
+) -> tuple[ColumnElement[Any], list[ColumnElement[bool]]]:
+    """Who an event row counts for (NULL: no one), and the rows that may count."""
     if context.is_anonymous:
         anonymous_id = events.c["anonymous_id"]
-        return (
-            anonymous_id,
-            events,
-            [events.c["user_id"].is_(null()), _unstitched(context.layout, anonymous_id)],
-        )
-    stitch = context.stitched
-    source = events.outerjoin(
-        stitch,
-        and_(events.c["user_id"].is_(null()), events.c["anonymous_id"] == stitch.c.anonymous_id),
-    )
-    person = func.coalesce(events.c["user_id"], stitch.c.user_id)
-    return person, source, [person.is_not(null())]
+        return anonymous_id, [
+            events.c["user_id"].is_(null()),
+            _unstitched(context.layout, anonymous_id),
+        ]
+    return func.coalesce(events.c["user_id"], _stitched_user(context.layout, events)), []
 
 
-def _stitch(layout: Layout) -> CTE:
-    """anonymous_id -> user_id of the latest identifies row carrying both."""
+def _stitched_user(layout: Layout, events: Table) -> ColumnElement[Any]:
+    """The user of the latest identifies row carrying the event row's anonymous id.
+
+    A lookup per anonymous event (correlated, one index probe on identifies' anonymous_id),
+    not a stitching of all of identifies: the events a rule counts are usually few next to
+    the anonymous ids ever seen, and rows with a user id never get here (COALESCE).
+    """
     identifies = layout.identifies
     order: list[ColumnElement[Any]] = [identifies.c["user_id"].desc()]
     if "timestamp" in identifies.c:
         moment = identifies.c["timestamp"]
         # Not NULLS LAST, which MySQL lacks: where NULLs sort differs between databases.
         order[:0] = [case((moment.is_(null()), 1), else_=0), moment.desc()]
-    ranked = (
-        select(
-            identifies.c["anonymous_id"].label("anonymous_id"),
-            identifies.c["user_id"].label("user_id"),
-            func.row_number()
-            .over(partition_by=identifies.c["anonymous_id"], order_by=order)
-            .label("position"),
-        )
-        .where(identifies.c["anonymous_id"].is_not(null()), identifies.c["user_id"].is_not(null()))
-        .subquery()
-    )
     return (
-        select(ranked.c.anonymous_id, ranked.c.user_id)
-        .where(ranked.c.position == 1)
-        .cte("stitched")
+        select(identifies.c["user_id"])
+        .where(
+            identifies.c["anonymous_id"] == events.c["anonymous_id"],
+            identifies.c["user_id"].is_not(null()),
+        )
+        .order_by(*order)
+        .limit(1)
+        .correlate(events)
+        .scalar_subquery()
     )
 
 
@@ -241,7 +283,8 @@ def _unstitched(layout: Layout, anonymous_id: ColumnElement[Any]) -> ColumnEleme
     stitched = select(identifies.c["anonymous_id"]).where(
         identifies.c["anonymous_id"].is_not(null()), identifies.c["user_id"].is_not(null())
     )
-    return and_(anonymous_id.is_not(null()), not_(_among(anonymous_id, stitched)))
+    # NOT EXISTS: a term of the event rows' WHERE, so an anti-join (see _among).
+    return and_(anonymous_id.is_not(null()), not_(_exists_equal(anonymous_id, stitched)))
 
 
 def _window(timestamp: Column[Any], window: Window, now: datetime) -> list[ColumnElement[bool]]:
@@ -261,15 +304,22 @@ def _window(timestamp: Column[Any], window: Window, now: datetime) -> list[Colum
     ]
 
 
-def _trait(rule: Trait, key: ColumnElement[Any], context: _Context) -> ColumnElement[bool]:
+def _trait(
+    rule: Trait, key: ColumnElement[Any], context: _Context, negate: bool
+) -> ColumnElement[bool]:
     if context.is_anonymous:  # anonymous ids have no traits
-        return not_(true())
+        return _constant(negate)
     users = context.layout.users
+    if not negate and context.row_key is not None and key is context.row_key:
+        # The key is the id of the users row being read: test that row, no lookup needed.
+        # Never below a `not` (row_key is unset there): a comparison with NULL is NULL, and
+        # NOT NULL would drop the member that `not` should keep.
+        return and_(*(_condition(context.layout, users, c, "trait") for c in rule.conditions))
     holders = select(users.c["id"]).where(
         users.c["id"].is_not(null()),
         *(_condition(context.layout, users, c, "trait") for c in rule.conditions),
     )
-    return _among(key, holders)
+    return _among(key, holders, context, is_in=not negate)
 
 
 def _condition(
@@ -282,12 +332,13 @@ def _condition(
         return column.is_not(null())
     if operator is Operator.NOT_EXISTS:
         return column.is_(null())
+    # Each value bound with its own type, not the column's: bound as an INTEGER, 49.5 would
+    # arrive as 50 (PostgreSQL rounds the cast) and `age > 49.5` would leave out age 50.
+    values = [literal(v) for v in (value if isinstance(value, tuple) else (value,))]
     if operator is Operator.IN:
-        return column.in_(value if isinstance(value, tuple) else (value,))
+        return column.in_(values)
     if operator is Operator.NOT_IN:
-        return and_(
-            column.is_not(null()), column.not_in(value if isinstance(value, tuple) else (value,))
-        )
+        return and_(column.is_not(null()), column.not_in(values))
     if operator is Operator.CONTAINS:
         # Not LIKE: SQLite's LIKE ignores case, and `%` or `_` in the value would be wildcards.
         position = func.strpos if layout.dialect == "postgresql" else func.instr
@@ -303,12 +354,12 @@ def _condition(
         Operator.LT: column.__lt__,
         Operator.LTE: column.__le__,
     }
-    result: ColumnElement[bool] = comparisons[operator](value)
+    result: ColumnElement[bool] = comparisons[operator](values[0])
     return result
 
 
 def _in_audience(
-    rule: InAudience, key: ColumnElement[Any], context: _Context
+    rule: InAudience, key: ColumnElement[Any], context: _Context, negate: bool
 ) -> ColumnElement[bool]:
     if rule.audience in context.path:
         cycle = " -> ".join((*context.path[context.path.index(rule.audience) :], rule.audience))
@@ -319,15 +370,17 @@ def _in_audience(
         raise ConfigError(f"in_audience {rule.audience!r}: {exc}") from None
     if isinstance(other, str):
         if context.is_anonymous:  # a SQL audience is matched by user id only
-            return not_(true())
+            return _constant(negate)
         # On lines of its own: a `--` comment ending the query must not hide the `)`.
         sql = "\n" + other.strip().rstrip(";") + "\n"
         query = text(sql).columns(sql_column("user_id")).subquery(f"audience_{len(context.path)}")
         # Cast: a SQL audience may return numeric ids where the users table keeps text.
         user_id = cast(query.c.user_id, context.layout.users.c["id"].type)
-        return _among(key, select(user_id).where(query.c.user_id.is_not(null())))
-    inner = replace(context, path=(*context.path, rule.audience))
-    return _among(key, _members(other, inner))
+        members = select(user_id).where(query.c.user_id.is_not(null()))
+        return _among(key, members, context, is_in=not negate)
+    # The other audience's own WHERE: its terms are conjuncts again.
+    inner = replace(context, path=(*context.path, rule.audience), row_key=None, is_conjunct=True)
+    return _among(key, _members(other, inner), context, is_in=not negate)
 
 
 def _no_audiences(name: str) -> Rule | str:

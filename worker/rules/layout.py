@@ -6,9 +6,9 @@ event's properties, snake_cased too, `identifies` (anonymous id to user id, with
 `users` (the latest traits per user). Rules name events and properties as sent; this module
 turns those names into the reflected tables and columns, or refuses them naming what exists.
 
-Indexes the compiled queries use: on each event table `(user_id, timestamp)` and
-`(anonymous_id)`; on `identifies` `(anonymous_id, timestamp)`; on `users` `(id)`; on
-`tracks` `(anonymous_id)` when anonymous members are included.
+Indexes the compiled queries use: on each event table `(timestamp)` (a rule's window), on
+`identifies` `(anonymous_id, timestamp)` (the user of each anonymous event), on `users` `(id)`
+(its primary key). `tracks` is read in full, and only when anonymous members are included.
 """
 
 import re
