@@ -9,7 +9,7 @@ from types import MappingProxyType
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from models.sync import SyncRun
+from models.sync import FailingMember, SyncRun
 from worker.errors import NotFoundError
 from worker.repositories import alerts as alert_repo
 from worker.repositories import audiences as audience_repo
@@ -144,6 +144,16 @@ class RunPage:
     run: RunRecord
     failures: tuple[RunFailure, ...]
     total_failures: int
+    page: int
+    pages: int
+
+
+@dataclass(frozen=True, slots=True)
+class FailingPage:
+    """One page of the failing users."""
+
+    users: tuple["FailingUser", ...]
+    total: int
     page: int
     pages: int
 
@@ -312,6 +322,21 @@ class ReportService:
                 pages=max(1, -(-total // per_page)),
             )
 
+    def failing_page(self, *, page: int = 1, per_page: int = 500) -> FailingPage:
+        """One page (from 1) of every failing user, quarantined or not, by audience,
+        destination and user."""
+        with self._sessions() as session:
+            page = max(page, 1)
+            rows, total = monitoring_repo.failing_page(
+                session, offset=(page - 1) * per_page, limit=per_page
+            )
+            return FailingPage(
+                users=tuple(_failing_user(member, key, name) for member, key, name in rows),
+                total=total,
+                page=page,
+                pages=max(1, -(-total // per_page)),
+            )
+
     def health(self, *, now: datetime, dispatcher_within: timedelta) -> Health:
         """Whether the state database answers and beat's dispatcher ticked lately."""
         try:
@@ -351,6 +376,20 @@ class ReportService:
                 )
                 for member, key, name in rows
             ]
+
+
+def _failing_user(member: FailingMember, key: str, name: str) -> FailingUser:
+    return FailingUser(
+        audience=key,
+        destination=name,
+        user=member.member_id,
+        value=member.last_value,
+        rejections=member.consecutive_failures,
+        is_quarantined=member.is_quarantined,
+        last_status=member.last_status,
+        last_message=member.last_message,
+        last_run_id=member.last_run_id,
+    )
 
 
 def _duration(run: SyncRun) -> float | None:

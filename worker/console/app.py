@@ -28,7 +28,8 @@ from worker.reports import ReportService
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 COOKIE = "audience_sync_console"
 DISPATCHER_WITHIN = timedelta(minutes=3)
-FAILURES_PER_PAGE = 50
+FAILURES_PER_PAGE = 50  # a run's rejections
+FAILING_PER_PAGE = 500  # the failures page
 # Overview filters: a run status, or `never` for pairs that never ran.
 FILTERS = (*(s.value for s in RunStatus), "never")
 # Paths open without the token: the health check (load balancers) and the login form.
@@ -100,6 +101,14 @@ class _TokenCheck(BaseHTTPMiddleware):
         return _same(request.cookies.get(COOKIE, ""), self._token)
 
 
+def _page_number(request: Request) -> int:
+    """The `page` parameter (from 1); anything else is a page that does not exist."""
+    text = request.query_params.get("page", "1")
+    if not text.isdigit() or int(text) < 1:
+        raise HTTPException(404, "no such page")
+    return int(text)
+
+
 def _same(given: str, token: str) -> bool:
     return bool(given) and hmac.compare_digest(given.encode(), token.encode())
 
@@ -155,23 +164,23 @@ def create_app(
         return render(request, "audience.html", {"audience": detail, "chart": chart})
 
     async def run(request: Request) -> Response:
-        try:
-            page = int(request.query_params.get("page", "1"))
-        except ValueError:
-            raise HTTPException(404, "no such page") from None
+        page = _page_number(request)
         detail = reports.run_page(
             request.path_params["run_id"], page=page, per_page=FAILURES_PER_PAGE
         )
-        if page > detail.pages or page < 1:
+        if page > detail.pages:
             raise HTTPException(404, "no such page")
         return render(request, "run.html", {"detail": detail, "run": detail.run})
 
     async def failures(request: Request) -> Response:
-        users = reports.failing_users(only_quarantined=False)
+        page = _page_number(request)
+        found = reports.failing_page(page=page, per_page=FAILING_PER_PAGE)
+        if page > found.pages:
+            raise HTTPException(404, "no such page")
         grouped: dict[str, list[Any]] = {}
-        for user in users:
+        for user in found.users:
             grouped.setdefault(user.audience, []).append(user)
-        return render(request, "failures.html", {"grouped": grouped, "count": len(users)})
+        return render(request, "failures.html", {"grouped": grouped, "found": found})
 
     async def healthz(request: Request) -> Response:
         health = reports.health(now=clock(), dispatcher_within=DISPATCHER_WITHIN)

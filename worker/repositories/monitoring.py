@@ -164,6 +164,23 @@ def failures_page(
     return page, int(total or 0)
 
 
+def failing_page(
+    session: Session, *, offset: int, limit: int
+) -> tuple[Sequence[tuple[FailingMember, str, str]], int]:
+    """One page of the failing users (by audience key, destination, user) with their
+    audience key and destination name, and how many there are in all."""
+    total = session.scalar(select(func.count()).select_from(FailingMember))
+    rows = session.execute(
+        select(FailingMember, Audience.key, Destination.name)
+        .join(Audience, Audience.id == FailingMember.audience_id)
+        .join(Destination, Destination.id == FailingMember.destination_id)
+        .order_by(Audience.key, Destination.name, FailingMember.member_id)
+        .offset(offset)
+        .limit(limit)
+    ).all()
+    return [(member, key, name) for member, key, name in rows], int(total or 0)
+
+
 def ping(session: Session) -> None:
     """One round trip to the state database."""
     session.execute(select(1))
