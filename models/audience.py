@@ -3,7 +3,17 @@
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    false,
+)
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from models.base import Base, UTCDateTime
@@ -67,6 +77,9 @@ class AudienceDestination(Base):
     # Run lock: a run holds it while it works; an expired lock is free again.
     lock_owner: Mapped[str | None] = mapped_column(String(100))
     lock_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Set when a full run starts, cleared when one finishes: a full run that died or was
+    # stopped leaves it set, and the pair's next run is full.
+    is_full_sync_owed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     audience: Mapped[Audience] = relationship(back_populates="links")
     destination: Mapped[Destination] = relationship()

@@ -61,6 +61,12 @@ class SyncRun(Base):
     # reason -> count, e.g. {"null_id": 3, "id_too_long": 1, "invalid_id": 1, "duplicate_id": 2}
     skipped_rows: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     error: Mapped[str | None] = mapped_column(Text)
+    # Where the run runs: `status` tells a live run from a dead one by these.
+    host: Mapped[str | None] = mapped_column(String(255))
+    pid: Mapped[int | None] = mapped_column(Integer)
+    task_id: Mapped[str | None] = mapped_column(String(255))
+    # Set by `runs cancel`: the run stops at its next page boundary.
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class RunChange(Base):

@@ -193,7 +193,7 @@ def test_failures_and_archive(state: str, shop: ShopSource, tmp_path: Path) -> N
 
 def test_status(state: str, shop: ShopSource, tmp_path: Path) -> None:
     invoke("apply", str(_config(tmp_path, shop, "Order Completed")))
-    [row] = _table_rows(invoke("status").stdout, 8)
+    [row] = _table_rows(invoke("status").stdout, 9)
     assert (row[0], row[1], row[2], row[4], row[7]) == (
         "order_completed",
         "local",
@@ -202,7 +202,7 @@ def test_status(state: str, shop: ShopSource, tmp_path: Path) -> None:
         "",
     )
     invoke("sync")
-    [row] = _table_rows(invoke("status").stdout, 8)
+    [row] = _table_rows(invoke("status").stdout, 9)
     assert (row[3], row[4], row[7]) == ("1", "succeeded", "")
 
     # A run in progress (started here, not finished) shows as running.
@@ -216,10 +216,12 @@ def test_status(state: str, shop: ShopSource, tmp_path: Path) -> None:
     [pair] = service.select_pairs()
     service.start_run(pair, SyncRequest())
     engine.dispose()
-    [row] = _table_rows(invoke("status").stdout, 8)
-    assert (row[3], row[4], row[7]) == ("2", "running", "yes")
+    [row] = _table_rows(invoke("status").stdout, 9)
+    # This process holds it, alive: `running`.
+    assert (row[3], row[4], row[7]) == ("2", "running", "running")
     skipped = invoke("sync")
-    assert skipped.exit_code == 0 and "skipped" in skipped.stdout
+    # "Did nothing" has its own exit status, apart from success and failure.
+    assert skipped.exit_code == 3 and "skipped" in skipped.stdout
 
 
 def test_db_upgrade(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -119,7 +119,7 @@ def test_run_json_keeps_every_field_in_order() -> None:
     assert list(record) == [
         "id", "audience", "destination", "mode", "trigger", "status", "started_at",
         "finished_at", "members", "entered", "exited", "sent", "failed", "skipped_rows",
-        "error", "duration_seconds",
+        "error", "duration_seconds", "host", "pid", "task_id",
     ]  # fmt: skip
     assert record["started_at"] == "2026-11-28T09:30:15.123456+00:00"
     assert record["finished_at"] is None
@@ -147,13 +147,16 @@ def test_duration(seconds: float | None, text: str) -> None:
 
 
 def test_json_value_of_plain_values() -> None:
-    status = PairStatus(2, "b", "local", "every 2h", 4, "running", STARTED, FINISHED, True)
+    status = PairStatus(
+        2, "b", "local", "every 2h", 4, "running", STARTED, FINISHED, True, "running", True
+    )
     assert render.json_value([status]) == [
         {
             "pair_id": 2, "audience_key": "b", "destination": "local", "schedule": "every 2h",
             "last_run_id": 4, "last_status": "running",
             "last_started_at": "2026-11-28T09:30:15.123456+00:00",
             "next_due_at": "2026-11-28T09:31:00+00:00", "is_running": True,
+            "run_state": "running", "is_full_sync_owed": True,
         }
     ]  # fmt: skip
     listing = AudienceListing("a", "A", "shop", "every 2h", ("local", "ortto"), False)
@@ -215,10 +218,18 @@ def test_failing_users_table() -> None:
 def test_status_table() -> None:
     never = PairStatus(1, "a", "local", "every 2h", None, None, None, STARTED, False)
     running = PairStatus(2, "b", "local", "every 2h", 4, "running", STARTED, FINISHED, True)
-    assert _rows(render.status_table([never, running])) == [
-        ["a", "local", "every 2h", "", "never", "", "2026-11-28T09:30:15", ""],
+    elsewhere = replace(
+        running,
+        run_state="running elsewhere (w2, pid 7, heartbeat 3 s ago)",
+        is_full_sync_owed=True,
+    )
+    assert _rows(render.status_table([never, running, elsewhere])) == [
+        ["a", "local", "every 2h", "", "never", "", "2026-11-28T09:30:15", "", ""],
         ["b", "local", "every 2h", "4", "running", "2026-11-28T09:30:15",
-         "2026-11-28T09:31:00", "yes"],
+         "2026-11-28T09:31:00", "yes", ""],
+        ["b", "local", "every 2h", "4", "running", "2026-11-28T09:30:15",
+         "2026-11-28T09:31:00", "running elsewhere (w2, pid 7, heartbeat 3 s ago)",
+         "full sync owed"],
     ]  # fmt: skip
 
 

@@ -19,7 +19,7 @@ Module map (one line each; the service's parts run top to bottom of a run):
     domain         the vocabulary: RunStatus, RunMode, Trigger and the service's values
     context        what the service's parts share (sessions, settings, clock, env, hooks)
     crashpoints    the crash-point hook: a no-op, or the guarantee tests' kill switch
-    locking        the pair's run lock, its heartbeat, lock-or-skip
+    locking        the pair's run lock, its heartbeat, lock-or-skip; where a run runs, stops
     snapshotting   streaming a source into a snapshot
     runs           the run lifecycle: open, snapshot, plan, guards; finish, fail
     delivery       delivering a run's changes page by page and recording the answers
@@ -28,7 +28,7 @@ Module map (one line each; the service's parts run top to bottom of a run):
     catalog        apply a configuration, select pairs, status, checks, reads
     service        SyncService, the one door the CLI, tasks, demo and bench call
     reports        the read side the CLI and the console show: audiences, history, runs,
-                   failures, metrics, the overview, health
+                   failures, explain, metrics, the overview, health
     alerts         alert webhooks: a pair's state changes, stale pairs, the dispatcher's tick
     webhooks       posting an alert: one JSON POST, retried, never raising
     metrics        Prometheus metrics computed from the state database at scrape time

@@ -21,6 +21,7 @@ from worker.plan import (
 from worker.repositories import alerts as alert_repo
 from worker.repositories import audiences as audience_repo
 from worker.repositories import runs as run_repo
+from worker.runs import pair_run_state
 from worker.scheduling import is_due, next_due, parse_schedule
 from worker.sources import check_query
 
@@ -211,6 +212,8 @@ class Catalog:
                         is_running=pair.lock_owner is not None
                         and pair.lock_expires_at is not None
                         and pair.lock_expires_at > now,
+                        run_state=pair_run_state(session, pair, now=now, ttl=self._ctx.lock_ttl),
+                        is_full_sync_owed=pair.is_full_sync_owed,
                     )
                 )
         return result

@@ -1,6 +1,8 @@
 """The `audience-sync` command line: thin commands that call the service."""
 
 import json
+import os
+import signal
 import sys
 import traceback
 from collections.abc import Iterator
@@ -13,15 +15,18 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, Task, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
+from rich.text import Text
 from sqlalchemy.exc import SQLAlchemyError
 
 from worker import db, render
 from worker.config import load_config
-from worker.domain import NoProgress, Progress, RunStatus, SyncRequest, Trigger
+from worker.domain import NoProgress, Progress, RunStatus, RunSummary, SyncRequest, Trigger
 from worker.errors import AudienceSyncError
+from worker.locking import PROCESS_STOP
 from worker.logs import configure as configure_logs
+from worker.payloads import Change
 from worker.reports import ReportService
 from worker.runtime import Runtime, build_runtime
 from worker.settings import get_settings
@@ -32,7 +37,9 @@ app = typer.Typer(
     add_completion=False,
     help=f"{__doc__}\n\n"
     "Exit status: 0 done; 1 a run failed, was blocked or partly rejected, or an unexpected "
-    "error; 2 a usage or environment error, told in one line (nothing was changed).",
+    "error; 2 a usage or environment error, told in one line (nothing was changed); 3 a run "
+    "was skipped (another run holds its audience and destination); 4 a run was cancelled "
+    "with `runs cancel`; 130/143 `sync` stopped on SIGINT/SIGTERM.",
     pretty_exceptions_enable=False,
 )
 db_app = typer.Typer(no_args_is_help=True, help="State database schema.")
@@ -54,6 +61,12 @@ PIPED_WIDTH = 100_000
 BROKER_TIMEOUT_SECONDS = 2
 USAGE_ERROR = 2
 UNEXPECTED_ERROR = 1
+# A run was skipped: another run holds the pair ("did nothing", not "succeeded").
+SKIPPED_EXIT = 3
+# A run was stopped by `audience-sync runs cancel`.
+CANCELLED_EXIT = 4
+# `sync` stopped on a signal: the shell's convention, 128 + the signal's number.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def make_console(*, stderr: bool = False) -> Console:
@@ -78,14 +91,24 @@ out = _Output()
 BAD_STATUSES = {RunStatus.FAILED, RunStatus.BLOCKED, RunStatus.PARTIAL}
 
 
+class _RateColumn(ProgressColumn):
+    """Rows per second so far."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.0f} rows/s" if speed else "", style="progress.data.speed")
+
+
 class _BarProgress:
-    """A progress bar on a terminal, for long runs."""
+    """A progress bar on a terminal, for long runs: rows so far and their rate (a phase
+    whose total is not known beforehand, like reading the source, counts up)."""
 
     def __init__(self) -> None:
         self._bar = RichProgress(
             "[progress.description]{task.description}",
             BarColumn(),
             MofNCompleteColumn(),
+            _RateColumn(),
             TimeElapsedColumn(),
             console=out.err_console,
             transient=True,
@@ -94,7 +117,7 @@ class _BarProgress:
 
     def start(self, description: str, total: int) -> None:
         self._bar.start()
-        self._task = self._bar.add_task(description, total=total)
+        self._task = self._bar.add_task(description, total=total if total > 0 else None)
 
     def advance(self, amount: int) -> None:
         self._bar.advance(self._task, amount)
@@ -294,10 +317,24 @@ def sync(
     enqueue: Annotated[
         bool, typer.Option("--enqueue", help="Queue the sync for the Celery workers.")
     ] = False,
+    show: Annotated[
+        int | None,
+        typer.Option(
+            "--show",
+            min=0,
+            help="With --dry-run: list up to N users who would enter and N who would exit "
+            "(with --json, all of them).",
+        ),
+    ] = None,
+    as_json: JsonOption = False,
 ) -> None:
-    """Sync audiences now (in this process, or queued with --enqueue)."""
+    """Sync audiences now (in this process, or queued with --enqueue). SIGINT or SIGTERM
+    stops at the next page boundary (the run is `cancelled`, its lock freed); a second
+    SIGINT exits at once."""
     if keys and all_audiences:
         _fail("give audience keys or --all, not both")
+    if show is not None and not dry_run:
+        _fail("--show lists what a dry run would send: add --dry-run")
     request = SyncRequest(
         is_full=full,
         is_dry_run=dry_run,
@@ -314,10 +351,119 @@ def sync(
         if enqueue:
             _enqueue(pair_ids, request)
             return
-        summaries = [runtime.service.sync_pair(pair_id, request) for pair_id in pair_ids]
-    out.console.print(render.summaries_table(summaries))
-    if any(s.status in BAD_STATUSES for s in summaries):
-        raise typer.Exit(1)
+        if show is not None:
+            summaries = _preview(runtime, pair_ids, request, show=show, as_json=as_json)
+        else:
+            with _stop_on_signals() as received:
+                summaries = []
+                for pair_id in pair_ids:
+                    if received:
+                        break
+                    summaries.append(runtime.service.sync_pair(pair_id, request))
+            if received:
+                _stopped(summaries, received[0])
+        if as_json and show is None:
+            _print_json({"runs": summaries})
+    if not as_json:
+        out.console.print(render.summaries_table(summaries))
+    raise typer.Exit(sync_exit_status([s.status for s in summaries]))
+
+
+def sync_exit_status(statuses: list[str]) -> int:
+    """`sync`'s exit status from its runs' statuses: a failure first, then a run stopped
+    by `runs cancel`, then a run skipped because another run holds its pair."""
+    if any(status in BAD_STATUSES for status in statuses):
+        return 1
+    if RunStatus.CANCELLED in statuses:
+        return CANCELLED_EXIT
+    if RunStatus.SKIPPED in statuses:
+        return SKIPPED_EXIT
+    return 0
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[list[int]]:
+    """While runs are delivered: the first SIGINT or SIGTERM asks them to stop at their
+    next page boundary; a second one leaves at once (the pair's lock then expires)."""
+    received: list[int] = []
+
+    def handle(signum: int, _frame: object) -> None:
+        if received:
+            os.write(2, b"interrupted again: exiting now; the run's lock expires by itself\n")
+            os._exit(128 + signum)
+        received.append(signum)
+        PROCESS_STOP.request(f"cancelled on {signal.Signals(signum).name}")
+
+    previous = {signum: signal.signal(signum, handle) for signum in STOP_SIGNALS}
+    try:
+        yield received
+    finally:
+        # Once stopping, the handler stays to the end: a second signal while the command
+        # winds down still exits at once, rather than as a traceback.
+        PROCESS_STOP.clear()  # no run starts after this
+        if not received:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+def _stopped(summaries: list[RunSummary], signum: int) -> NoReturn:
+    """After a stop signal: one line on stderr, and 128 + the signal's number."""
+    name = signal.Signals(signum).name
+    cancelled = [s for s in summaries if s.status == RunStatus.CANCELLED]
+    line = (
+        render.cancelled_line(cancelled[-1], name)
+        if cancelled
+        else f"stopped on {name} between runs: {len(summaries)} run(s) done; the lock is free"
+    )
+    out.err_console.print(line, markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(128 + signum)
+
+
+class _PreviewSink:
+    """Takes a dry run's changes: keeps the first N each way for a terminal, or streams
+    every one as an item of a JSON array."""
+
+    def __init__(self, *, show: int, as_json: bool) -> None:
+        self._show, self._as_json = show, as_json
+        self._is_first = True
+        self.key, self.destination = "", ""
+        self.shown: dict[bool, list[str]] = {True: [], False: []}
+        self.counts = {True: 0, False: 0}
+
+    def start_pair(self, key: str, destination: str) -> None:
+        self.key, self.destination = key, destination
+        self.shown = {True: [], False: []}
+        self.counts = {True: 0, False: 0}
+
+    def __call__(self, change: Change) -> None:
+        self.counts[change.value] += 1
+        if self._as_json:
+            item = json.dumps(render.change_json(self.key, self.destination, change))
+            sys.stdout.write(("\n  " if self._is_first else ",\n  ") + item)
+            self._is_first = False
+        elif len(self.shown[change.value]) < self._show:
+            self.shown[change.value].append(change.member_id)
+
+
+def _preview(
+    runtime: Runtime, pair_ids: list[int], request: SyncRequest, *, show: int, as_json: bool
+) -> list[RunSummary]:
+    """Dry runs that list who would enter and exit: up to `show` users each way per pair on
+    a terminal; with --json, every change, streamed as it is read (one JSON document)."""
+    summaries = []
+    sink = _PreviewSink(show=show, as_json=as_json)
+    if as_json:
+        sys.stdout.write('{"changes": [')
+    for pair_id in pair_ids:
+        sink.start_pair(*runtime.service.pair_names(pair_id))
+        summaries.append(runtime.service.dry_run(pair_id, request, sink))
+        if not as_json:
+            for line in render.preview_lines(sink.key, sink.destination, sink.shown, sink.counts):
+                out.console.print(line, markup=False, highlight=False, soft_wrap=True)
+    if as_json:
+        runs = json.dumps(render.json_value(summaries), indent=2)
+        sys.stdout.write(f'\n],\n"runs": {runs}}}\n')
+    return summaries
 
 
 def _enqueue(pair_ids: list[int], request: SyncRequest) -> None:
@@ -420,13 +566,48 @@ def archive(
 
 @app.command()
 def status(as_json: JsonOption = False) -> None:
-    """Per audience and destination: last run, its status, next due time, running or not."""
+    """Per audience and destination: last run, its status, next due time, who runs it
+    (`running`, `stale (...)`, `running elsewhere (...)`) and whether a full sync is owed."""
     with _runtime() as runtime:
         rows = runtime.service.status()
     if as_json:
         _print_json(rows)
     else:
         out.console.print(render.status_table(rows))
+
+
+@runs_app.command("cancel")
+def runs_cancel(
+    run_id: Annotated[int, typer.Argument(help="The run id (see `status` or `history`).")],
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Close a dead run at once (cancelled) and free its pair's lock."
+        ),
+    ] = False,
+) -> None:
+    """Ask a running run to stop at its next page boundary (it ends `cancelled`)."""
+    with _runtime() as runtime:
+        message = runtime.service.cancel_run(run_id, force=force)
+    out.console.print(message, markup=False, highlight=False)
+
+
+@app.command()
+def explain(
+    user_id: Annotated[str, typer.Argument(help="The user id, exactly as the source has it.")],
+    audience: Annotated[str | None, typer.Option(help="Only this audience key.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Why a user holds its value: per audience and destination, membership in the latest
+    snapshot, the value last accepted and by which run, what is owed, doubts, failures,
+    quarantine, and the user's entries and exits over the kept history."""
+    with _reports() as reports:
+        standings = reports.explain(user_id, audience_key=audience)
+    if as_json:
+        _print_json({"user": user_id, "audiences": standings})
+    else:
+        for line in render.explain_lines(user_id, standings):
+            out.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 @destinations_app.command("check")

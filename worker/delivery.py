@@ -17,7 +17,7 @@ from worker.domain import (
     chunk_ranges,
 )
 from worker.errors import DestinationError
-from worker.locking import LOST_LOCK, heartbeat, still_held
+from worker.locking import LOST_LOCK, RunStopped, check_stop, heartbeat, still_held
 from worker.payloads import Change, identify_call
 from worker.repositories import audiences as audience_repo
 from worker.repositories import changes as change_repo
@@ -64,6 +64,8 @@ class Delivery:
         )
         try:
             self.deliver_range(prepared, after=None, upto=None, progress=shown)
+        except RunStopped as exc:
+            return self._runs.cancel_run(prepared, str(exc))
         except DestinationError as exc:
             return self._runs.fail_run(prepared, str(exc))
         finally:
@@ -87,6 +89,7 @@ class Delivery:
             with self._ctx.unit_of_work() as session:
                 if not still_held(session, prepared.pair_id, prepared.lock_owner):
                     raise DestinationError(LOST_LOCK)
+                check_stop(session, prepared.run_id)  # a signal or `runs cancel`: stop here
                 page = change_repo.page_of_changes(
                     session, prepared.run_id, after=cursor, upto=upto, limit=client.max_batch_items
                 )

@@ -19,6 +19,8 @@ class RunStatus(enum.StrEnum):
     FAILED = "failed"
     SKIPPED = "skipped"
     BLOCKED = "blocked"
+    # Stopped at a page boundary: by SIGINT/SIGTERM or `runs cancel`; the rest is owed.
+    CANCELLED = "cancelled"
 
 
 class RunMode(enum.StrEnum):
@@ -36,6 +38,8 @@ class Trigger(enum.StrEnum):
 
     MANUAL = "manual"
     SCHEDULE = "schedule"
+    # A full run of the pair ended before it finished: this run completes it.
+    FULL_OWED = "full_owed"
 
 
 class AlertEvent(enum.StrEnum):
@@ -178,6 +182,10 @@ class PairStatus:
     last_started_at: datetime | None
     next_due_at: datetime
     is_running: bool
+    # Who holds the pair: "running", "stale (...)", "running elsewhere (...)"; None if free.
+    run_state: str | None = None
+    # A full run of the pair ended before it finished; the next run is full.
+    is_full_sync_owed: bool = False
 
 
 class Progress(Protocol):

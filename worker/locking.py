@@ -1,9 +1,15 @@
 """The pair's run lock: taken (or a skipped run recorded) when a run starts, kept alive by a
-heartbeat while the run waits on something slow, checked before each page is sent."""
+heartbeat while the run waits on something slow, checked before each page is sent. Also
+where a run runs (host, pid, Celery task), how `status` reads a held lock, and the requests
+to stop a run at its next page boundary (a signal to this process, or `runs cancel`)."""
 
 import logging
+import os
+import socket
+import sys
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -13,6 +19,7 @@ from models import AudienceDestination, SyncRun
 from worker.context import ServiceContext
 from worker.db import unit_of_work
 from worker.domain import RunMode, RunStatus, Trigger
+from worker.errors import DestinationError
 from worker.repositories import audiences as audience_repo
 from worker.repositories import runs as run_repo
 
@@ -78,6 +85,7 @@ def lock_or_skip(
     if audience_repo.try_lock_pair(session, pair.id, token, now=now, ttl=ctx.lock_ttl):
         return None
     holder = run_repo.running_run_id(session, pair.audience_id, pair.destination_id)
+    host, pid, task_id = where_this_runs()
     return run_repo.create_run(
         session,
         audience_id=pair.audience_id,
@@ -88,6 +96,9 @@ def lock_or_skip(
         status=RunStatus.SKIPPED,
         error="another sync of this audience and destination is in progress"
         + (f" (run {holder})" if holder else ""),
+        host=host,
+        pid=pid,
+        task_id=task_id,
     )
 
 
@@ -95,3 +106,111 @@ def still_held(session: Session, pair_id: int, owner: str) -> bool:
     """Whether the run still holds its pair: a run taken for dead (its lock expired and
     another run took it over) must not send what it computed back then."""
     return audience_repo.holds_lock(session, pair_id, owner)
+
+
+# ---------------------------------------------------------------- where a run runs
+
+
+def where_this_runs() -> tuple[str, int, str | None]:
+    """(host, pid, Celery task id or None) of the calling code, recorded on its run."""
+    task_id = None
+    # Only a Celery worker has a current task, and it has imported Celery already: a CLI
+    # run does not pay for importing it.
+    if "celery" in sys.modules:
+        from celery import current_task
+
+        if current_task and current_task.request.id:
+            task_id = str(current_task.request.id)
+    return socket.gethostname(), os.getpid(), task_id
+
+
+def is_process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host (signal 0 tests without sending)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class LockHolder:
+    """What `status` knows of the run holding a pair's lock."""
+
+    run_id: int | None
+    host: str | None
+    pid: int | None
+    lock_expires_at: datetime
+
+
+STALE_HERE = "stale (lock held by a dead process on this host)"
+
+
+def run_state(
+    holder: LockHolder | None,
+    *,
+    now: datetime,
+    ttl: timedelta,
+    this_host: str,
+    is_alive: Callable[[int], bool],
+) -> str | None:
+    """How `status` describes the run holding a pair (None: nobody holds it).
+
+    A run on this host is `running` while its process lives and `stale` once it died (its
+    lock then expires by itself, or `runs cancel --force` frees it at once); a run on
+    another host cannot be checked, so its last heartbeat is told instead.
+    """
+    if holder is None:
+        return None
+    beat = max(0, round((now - (holder.lock_expires_at - ttl)).total_seconds()))
+    is_live = holder.lock_expires_at > now
+    if holder.host == this_host and holder.pid is not None:
+        if is_alive(holder.pid):
+            return "running" if is_live else f"running (heartbeat {beat} s ago, lock expired)"
+        return STALE_HERE
+    if holder.host is None:  # taken a moment ago, not yet handed to its run
+        return "running" if is_live else None
+    where = f"{holder.host}, pid {holder.pid}, heartbeat {beat} s ago"
+    return f"running elsewhere ({where})" if is_live else f"stale (lock expired; {where})"
+
+
+# ---------------------------------------------------------------- stopping a run
+
+
+class RunStopped(DestinationError):
+    """A run was asked to stop (a signal, `runs cancel`): raised at a page boundary."""
+
+
+class StopRequest:
+    """This process was asked to stop its runs at their next page boundary (set from a
+    signal handler, read by the delivery loop of any thread)."""
+
+    def __init__(self) -> None:
+        self._reason: str | None = None
+
+    @property
+    def reason(self) -> str | None:
+        return self._reason
+
+    def request(self, reason: str) -> None:
+        if self._reason is None:
+            self._reason = reason
+
+    def clear(self) -> None:
+        self._reason = None
+
+
+# Signals reach a process, not a run: one request per process.
+PROCESS_STOP = StopRequest()
+CANCELLED_BY_OPERATOR = "cancelled with `audience-sync runs cancel`"
+
+
+def check_stop(session: Session, run_id: int) -> None:
+    """At a page boundary: raise RunStopped if this process got a stop signal or an
+    operator asked the run to stop (the flag is read with the page's lock check)."""
+    if PROCESS_STOP.reason is not None:
+        raise RunStopped(PROCESS_STOP.reason)
+    if run_repo.is_cancel_requested(session, run_id):
+        raise RunStopped(CANCELLED_BY_OPERATOR)

@@ -13,8 +13,15 @@ from rich.table import Table
 from rich.text import Text
 
 from worker.domain import ApplyReport, PairStatus, RunSummary
+from worker.payloads import Change
 from worker.plan import Action, FieldChange, Plan
-from worker.reports import AudienceListing, FailingUser, RunDetail, RunRecord
+from worker.reports import (
+    AudienceListing,
+    AudienceStanding,
+    FailingUser,
+    RunDetail,
+    RunRecord,
+)
 
 STATUS_COLOURS = {
     "succeeded": "green",
@@ -23,6 +30,7 @@ STATUS_COLOURS = {
     "blocked": "red",
     "skipped": "dim",
     "running": "cyan",
+    "cancelled": "yellow",
 }
 # `runs show` lists every field of the run, then its skipped rows (a line of their own).
 RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunRecord) if f.name != "skipped_rows")
@@ -37,7 +45,7 @@ FAILING_USER_COLUMNS = (
 )
 STATUS_COLUMNS = (
     "audience", "destination", "schedule", "last run", "status", "started", "next due",
-    "running",
+    "running", "notes",
 )
 # fmt: on
 
@@ -221,9 +229,86 @@ def status_table(rows: Sequence[PairStatus]) -> Table:
             status_word(row.last_status) if row.last_status else "never",
             _time(row.last_started_at),
             _time(row.next_due_at),
-            _yes(row.is_running),
+            escape(row.run_state) if row.run_state else _yes(row.is_running),
+            FULL_SYNC_OWED if row.is_full_sync_owed else "",
         )
     return table
+
+
+FULL_SYNC_OWED = "full sync owed"
+
+
+def cancelled_line(summary: RunSummary, signal_name: str | None) -> str:
+    """The one line `sync` prints when it stopped a run at a page boundary."""
+    why = f"on {signal_name}" if signal_name else "as asked by `runs cancel`"
+    return (
+        f"cancelled run {summary.run_id} ({summary.audience_key} -> {summary.destination}) "
+        f"{why} at a page boundary: {summary.sent} sent, {summary.failed} rejected; the lock "
+        "is free and the next run sends the rest"
+    )
+
+
+def change_json(key: str, destination: str, change: Change) -> dict[str, Any]:
+    """One change a dry run would send, as `sync --dry-run --show N --json` streams it."""
+    return {
+        "audience": key,
+        "destination": destination,
+        "user": change.member_id,
+        "change": "enter" if change.value else "exit",
+    }
+
+
+def preview_lines(
+    key: str, destination: str, shown: Mapping[bool, Sequence[str]], counts: Mapping[bool, int]
+) -> list[str]:
+    """What a dry run would send, up to N users each way (`sync --dry-run --show N`)."""
+    lines = []
+    for value, verb in ((True, "enter"), (False, "exit")):
+        users = shown.get(value, ())
+        total = counts.get(value, 0)
+        more = f" (and {total - len(users)} more)" if total > len(users) else ""
+        listed = ", ".join(users) if users else "nobody"
+        lines.append(f"{key} -> {destination}: would {verb} {total}: {listed}{more}")
+    return lines
+
+
+def _value(value: bool | None) -> str:
+    return "never told" if value is None else str(value).lower()
+
+
+def explain_lines(user_id: str, standings: Sequence[AudienceStanding]) -> list[str]:
+    """Where a user stands in each audience and at each destination (`explain`)."""
+    if not standings:
+        return [f"user {user_id}: no audience has a destination"]
+    lines = []
+    for standing in standings:
+        if standing.is_member is None:
+            member = "no snapshot yet"
+        else:
+            member = "member" if standing.is_member else "not a member"
+            member += f" in the latest snapshot ({_time(standing.snapshot_at)})"
+        lines.append(f"{standing.audience}: {member}")
+        for d in standing.destinations:
+            accepted = _value(d.accepted_value)
+            if d.accepted_run_id is not None:
+                accepted += f" (run {d.accepted_run_id}, {_time(d.accepted_at)})"
+            flags = [
+                f"owed {str(d.owed_value).lower()}" if d.owed_value is not None else "nothing owed",
+                *(["in doubt"] if d.is_in_doubt else []),
+                *([f"failing ({d.rejections} rejections)"] if d.is_failing else []),
+                *(["quarantined"] if d.is_quarantined else []),
+            ]
+            lines.append(f"  {d.destination}: accepted {accepted}; {', '.join(flags)}")
+            if d.last_message and (d.is_failing or d.is_quarantined):
+                lines.append(f"    last message: {d.last_message}")
+        if standing.history:
+            events = ", ".join(
+                f"{'entered' if e.is_member else 'exited'} {_time(e.at)}" for e in standing.history
+            )
+            lines.append(f"  history: {events}")
+        else:
+            lines.append("  history: never a member in the kept snapshots")
+    return lines
 
 
 def apply_lines(report: ApplyReport) -> list[str]:

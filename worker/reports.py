@@ -16,6 +16,8 @@ from worker.repositories import audiences as audience_repo
 from worker.repositories import failures as failure_repo
 from worker.repositories import monitoring as monitoring_repo
 from worker.repositories import runs as run_repo
+from worker.repositories import snapshots as snapshot_repo
+from worker.repositories import synced as synced_repo
 from worker.scheduling import next_due, parse_schedule
 
 
@@ -51,6 +53,10 @@ class RunRecord:
     skipped_rows: Mapping[str, int]  # reason -> count
     error: str | None
     duration_seconds: float | None  # None while the run has not finished
+    # Where the run ran: host, process id, Celery task id (None: not in a Celery worker).
+    host: str | None = None
+    pid: int | None = None
+    task_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +88,42 @@ class FailingUser:
     last_status: int | None
     last_message: str
     last_run_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationStanding:
+    """Where one user stands at one destination of an audience."""
+
+    destination: str
+    accepted_value: bool | None  # the last value the destination accepted (None: never told)
+    accepted_run_id: int | None
+    accepted_at: datetime | None
+    owed_value: bool | None  # what the next run sends the user (None: nothing owed)
+    is_in_doubt: bool  # a stopped run may have told it something unrecorded
+    is_failing: bool  # its latest call was rejected
+    is_quarantined: bool
+    rejections: int  # in a row
+    last_message: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipChange:
+    """The user entered (True) or exited (False) the audience, seen by a snapshot then."""
+
+    at: datetime
+    is_member: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AudienceStanding:
+    """Where one user stands in one audience: its latest snapshot, each destination, and
+    the entries and exits over the kept history."""
+
+    audience: str
+    is_member: bool | None  # in the latest snapshot (None: no snapshot yet)
+    snapshot_at: datetime | None
+    destinations: tuple[DestinationStanding, ...]
+    history: tuple[MembershipChange, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,6 +419,82 @@ class ReportService:
                 for member, key, name in rows
             ]
 
+    def explain(self, user_id: str, *, audience_key: str | None = None) -> list[AudienceStanding]:
+        """Why a user holds the value it holds: for each audience (or the one named) and
+        each of its destinations, membership, the value accepted and by which run, what is
+        owed, doubts, failures and quarantine, and the user's entries and exits."""
+        with self._sessions() as session:
+            _check_audience(session, audience_key)
+            found = audience_repo.pairs(
+                session,
+                audience_keys=None if audience_key is None else [audience_key],
+                include_archived=True,
+            )
+            by_audience: dict[int, list[tuple[int, str]]] = {}
+            keys: dict[int, str] = {}
+            for pair in found:
+                keys[pair.audience_id] = pair.audience.key
+                by_audience.setdefault(pair.audience_id, []).append(
+                    (pair.destination_id, pair.destination.name)
+                )
+            return [
+                self._standing(session, audience_id, keys[audience_id], destinations, user_id)
+                for audience_id, destinations in by_audience.items()
+            ]
+
+    @staticmethod
+    def _standing(
+        session: Session,
+        audience_id: int,
+        key: str,
+        destinations: list[tuple[int, str]],
+        user_id: str,
+    ) -> AudienceStanding:
+        latest = snapshot_repo.latest_membership(session, audience_id, user_id)
+        is_member = None if latest is None else latest[2]
+        standings = []
+        for destination_id, name in destinations:
+            synced = synced_repo.member_state(session, audience_id, destination_id, user_id)
+            failing = failure_repo.failing_member(session, audience_id, destination_id, user_id)
+            accepted = None if synced is None else synced.is_member
+            in_doubt = failing is not None and failing.consecutive_failures == 0
+            owed = owed_value(is_member, accepted, is_in_doubt=in_doubt)
+            standings.append(
+                DestinationStanding(
+                    destination=name,
+                    accepted_value=accepted,
+                    accepted_run_id=None if synced is None else synced.run_id,
+                    accepted_at=None if synced is None else synced.updated_at,
+                    owed_value=owed,
+                    is_in_doubt=in_doubt,
+                    is_failing=failing is not None and failing.consecutive_failures > 0,
+                    is_quarantined=failing is not None and failing.is_quarantined,
+                    rejections=0 if failing is None else failing.consecutive_failures,
+                    last_message=None if failing is None else failing.last_message,
+                )
+            )
+        history = snapshot_repo.member_history(session, audience_id, user_id)
+        return AudienceStanding(
+            audience=key,
+            is_member=is_member,
+            snapshot_at=None if latest is None else latest[1],
+            destinations=tuple(standings),
+            history=tuple(MembershipChange(at, member) for at, member in history),
+        )
+
+
+def owed_value(is_member: bool | None, accepted: bool | None, *, is_in_doubt: bool) -> bool | None:
+    """What the pair's next run sends the user: its membership when the destination holds
+    something else (or may, being in doubt); None when nothing is owed or no snapshot says."""
+    if is_member is None:
+        return None
+    if is_in_doubt:
+        return is_member
+    if is_member:
+        return None if accepted is True else True
+    # A non-member the destination never held as a member is owed nothing.
+    return False if accepted is True else None
+
 
 def _failing_user(member: FailingMember, key: str, name: str) -> FailingUser:
     return FailingUser(
@@ -428,4 +546,7 @@ def _record(run: SyncRun, audience_key: str, destination_name: str) -> RunRecord
             if run.finished_at is not None
             else None
         ),
+        host=run.host,
+        pid=run.pid,
+        task_id=run.task_id,
     )

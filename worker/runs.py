@@ -9,13 +9,14 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session
 
-from models import SyncRun
+from models import AudienceDestination, SyncRun
 from worker import logs
 from worker.context import ServiceContext
 from worker.domain import (
@@ -25,12 +26,21 @@ from worker.domain import (
     RunStatus,
     RunSummary,
     SyncRequest,
+    Trigger,
     mass_exit_reason,
     summary_fields,
 )
 from worker.errors import ConfigError, DestinationError, NotFoundError, SourceError
-from worker.locking import heartbeat, lock_or_skip
-from worker.payloads import AudienceRef
+from worker.locking import (
+    CANCELLED_BY_OPERATOR,
+    LockHolder,
+    heartbeat,
+    is_process_alive,
+    lock_or_skip,
+    run_state,
+    where_this_runs,
+)
+from worker.payloads import AudienceRef, Change
 from worker.repositories import audiences as audience_repo
 from worker.repositories import changes as change_repo
 from worker.repositories import failures as failure_repo
@@ -65,6 +75,8 @@ class OpenedRun:
     query: str
     max_exit_fraction: float
     started: float  # time.monotonic() when the run was asked for
+    # A full run: asked for, or owed by a full run of the pair that did not finish.
+    is_full: bool = False
 
     def prepared(
         self,
@@ -111,7 +123,7 @@ def run_mode(request: SyncRequest, *, has_state: bool, is_archive: bool) -> RunM
         return RunMode.ARCHIVE
     if request.is_dry_run:
         return RunMode.DRY_RUN
-    if request.is_full:
+    if request.is_full or request.trigger == Trigger.FULL_OWED:
         return RunMode.FULL
     return RunMode.INCREMENTAL if has_state else RunMode.INITIAL
 
@@ -120,16 +132,29 @@ class RunLifecycle:
     def __init__(self, ctx: ServiceContext) -> None:
         self._ctx = ctx
 
-    def start_run(self, pair_id: int, request: SyncRequest) -> PreparedRun | RunSummary:
+    def start_run(
+        self,
+        pair_id: int,
+        request: SyncRequest,
+        *,
+        on_dry_change: Callable[[Change], None] | None = None,
+    ) -> PreparedRun | RunSummary:
         """Lock the pair, open the run, snapshot the source and check the guards.
 
         Returns a PreparedRun ready to deliver, or the summary of a run that ended here
-        (skipped, failed, blocked or dry run).
+        (skipped, failed, blocked or dry run). A dry run hands each change it would send to
+        `on_dry_change`, in user id order, before forgetting them.
         """
         opened = self.open_run(pair_id, request)
         if isinstance(opened, RunSummary):
             return opened
         self._ctx.crash_point("after_lock")
+        if opened.is_full and not request.is_full:
+            # The pair owes a full sync: this run is one, whatever was asked.
+            request = replace(request, is_full=True, trigger=Trigger.FULL_OWED)
+        name = f"{opened.audience.key} -> {opened.destination_name}"
+        shown = self._ctx.progress()
+        shown.start(f"{name}: reading the source into a snapshot", 0)
         try:
             with heartbeat(self._ctx, pair_id, opened.owner):
                 snapshot = take_snapshot(
@@ -139,10 +164,38 @@ class RunLifecycle:
                     url_template=opened.source_url,
                     query=opened.query,
                     timeout=opened.source_timeout,
+                    progress=shown,
                 )
         except (SourceError, ConfigError) as exc:
             return self._end(opened, RunStatus.FAILED, str(exc))
-        plan = self._plan(opened, snapshot, request)
+        finally:
+            shown.stop()
+        rows = snapshot.members + sum(snapshot.skipped.values())
+        logger.info(
+            "run %s (%s): read %d source rows into snapshot %s (%d members) in %.2f s (%s rows/s)",
+            opened.run_id,
+            name,
+            rows,
+            snapshot.snapshot_id,
+            snapshot.members,
+            snapshot.seconds,
+            rate(rows, snapshot.seconds),
+        )
+        shown = self._ctx.progress()
+        shown.start(f"{name}: computing the changes", 0)
+        try:
+            plan = self._plan(opened, snapshot, request, on_dry_change=on_dry_change)
+        finally:
+            shown.stop()
+        logger.info(
+            "run %s (%s): diff of %d members: %d to enter, %d to exit, in %.2f s",
+            opened.run_id,
+            name,
+            snapshot.members,
+            plan.to_enter,
+            plan.to_exit,
+            plan.seconds,
+        )
         if plan.block:
             return self._end(opened, RunStatus.BLOCKED, plan.block)
         if request.is_dry_run:
@@ -187,6 +240,15 @@ class RunLifecycle:
             if is_archive or not request.is_dry_run:
                 settle_stopped_runs(session, audience.id, destination.id, now=now)
             has_state = synced_repo.has_state(session, audience.id, destination.id)
+            is_real = not (is_archive or request.is_dry_run)
+            if is_real and pair.is_full_sync_owed and not request.is_full:
+                request = replace(request, trigger=Trigger.FULL_OWED)
+            is_full = is_real and (request.is_full or request.trigger == Trigger.FULL_OWED)
+            if is_full:
+                # Cleared only when a full run finishes: one that dies or is stopped leaves
+                # the pair owing a full sync, and its next run is full.
+                audience_repo.set_full_sync_owed(session, pair_id, is_owed=True)
+            host, pid, task_id = where_this_runs()
             run = run_repo.create_run(
                 session,
                 audience_id=audience.id,
@@ -194,6 +256,9 @@ class RunLifecycle:
                 mode=run_mode(request, has_state=has_state, is_archive=is_archive),
                 trigger=request.trigger,
                 now=now,
+                host=host,
+                pid=pid,
+                task_id=task_id,
             )
             owner = f"run:{run.id}"
             audience_repo.hand_over_lock(session, pair_id, token, owner)
@@ -216,9 +281,17 @@ class RunLifecycle:
                 query=audience.query,
                 max_exit_fraction=audience.max_exit_fraction,
                 started=started,
+                is_full=is_full,
             )
 
-    def _plan(self, opened: OpenedRun, snapshot: TakenSnapshot, request: SyncRequest) -> Plan:
+    def _plan(
+        self,
+        opened: OpenedRun,
+        snapshot: TakenSnapshot,
+        request: SyncRequest,
+        *,
+        on_dry_change: Callable[[Change], None] | None = None,
+    ) -> Plan:
         """Write the run's change set and check the mass-exit guard; a blocked run and a
         dry run keep neither their changes nor their snapshot."""
         began = time.monotonic()
@@ -260,6 +333,8 @@ class RunLifecycle:
                     max_exit_fraction=opened.max_exit_fraction,
                 )
             )
+            if request.is_dry_run and on_dry_change is not None:
+                _hand_over_changes(session, opened.run_id, on_dry_change)
             if block or request.is_dry_run:
                 change_repo.drop_changes(session, opened.run_id)
                 snapshot_repo.delete_snapshot(session, snapshot.snapshot_id)
@@ -290,6 +365,8 @@ class RunLifecycle:
                 else None
             )
             failure_repo.forget_moot(session, prepared.scope)
+            if prepared.is_full:
+                audience_repo.set_full_sync_owed(session, prepared.pair_id, is_owed=False)
             if run.sent >= run_repo.ANALYZE_AFTER_SENT:
                 synced_repo.refresh_statistics(session)
             in_use = run_repo.snapshots_in_use(session, prepared.audience.id)
@@ -302,9 +379,80 @@ class RunLifecycle:
         return self.end_run(prepared.run_id, prepared.pair_id, prepared.lock_owner, status, error)
 
     def fail_run(self, prepared: PreparedRun, error: str) -> RunSummary:
+        """Close a run whose delivery failed; one an operator asked to stop (its chunks
+        stopped at their page boundaries) is cancelled."""
+        with self._ctx.unit_of_work() as session:
+            is_cancelled = run_repo.is_cancel_requested(session, prepared.run_id)
+        if is_cancelled:
+            return self.cancel_run(prepared, CANCELLED_BY_OPERATOR)
         return self.end_run(
             prepared.run_id, prepared.pair_id, prepared.lock_owner, RunStatus.FAILED, error
         )
+
+    def cancel_run(self, prepared: PreparedRun, reason: str) -> RunSummary:
+        """Close a run stopped at a page boundary: what it delivered stays recorded, the
+        users of a page in flight become in doubt, the rest of its changes is owed to the
+        pair's next run (which computes its own), and the pair is free at once."""
+        now = self._ctx.clock()
+        audience_id, destination_id = prepared.audience.id, prepared.destination_id
+        with self._ctx.unit_of_work() as session:
+            settle_run(session, prepared.run_id, audience_id, destination_id, now=now)
+        return self.end_run(
+            prepared.run_id,
+            prepared.pair_id,
+            prepared.lock_owner,
+            RunStatus.CANCELLED,
+            f"{reason}; what was not sent is owed to the next run",
+        )
+
+    def pair_names(self, pair_id: int) -> tuple[str, str]:
+        """(audience key, destination name) of a pair."""
+        with self._ctx.unit_of_work() as session:
+            pair = audience_repo.pair_by_id(session, pair_id)
+            if pair is None:
+                raise NotFoundError(f"no audience/destination pair {pair_id}")
+            return pair.audience.key, pair.destination.name
+
+    def request_cancel(self, run_id: int, *, force: bool = False) -> str:
+        """Ask a running run to stop at its next page boundary; with `force`, close a dead
+        run at once (cancelled, its page in flight in doubt, its pair's lock freed).
+        Returns what was done, in one line."""
+        now = self._ctx.clock()
+        with self._ctx.unit_of_work() as session:
+            run = run_repo.get_run(session, run_id)
+            if run is None:
+                raise NotFoundError(f"no run {run_id}; `audience-sync history` shows them")
+            if run.status != RunStatus.RUNNING:
+                raise ConfigError(f"run {run_id} is not running (it is {run.status})")
+            is_here = run.host == where_this_runs()[0] and run.pid is not None
+            is_alive = is_here and run.pid is not None and is_process_alive(run.pid)
+            if not force:
+                if is_here and not is_alive:
+                    raise ConfigError(
+                        f"run {run_id}'s process (pid {run.pid}) is gone: "
+                        f"`audience-sync runs cancel {run_id} --force` closes it"
+                    )
+                run_repo.request_cancel(session, run_id, now=now)
+                return f"asked run {run_id} to stop at its next page boundary"
+            if is_alive:
+                raise ConfigError(
+                    f"run {run_id} is alive (pid {run.pid} on this host): "
+                    f"`audience-sync runs cancel {run_id}` stops it at its next page"
+                )
+            pair = audience_repo.pair_of(session, run.audience_id, run.destination_id)
+            assert pair is not None
+            settle_run(session, run_id, run.audience_id, run.destination_id, now=now)
+            run_repo.update_run(
+                session,
+                run_id,
+                status=RunStatus.CANCELLED,
+                error="cancelled with `audience-sync runs cancel --force`: its process was "
+                "gone; what was not sent is owed to the next run",
+                finished_at=now,
+                cancel_requested_at=now,
+            )
+            audience_repo.release_lock(session, pair.id, f"run:{run_id}")
+        return f"closed run {run_id} as cancelled and freed its lock"
 
     def _end(self, opened: OpenedRun, status: RunStatus, error: str | None) -> RunSummary:
         return self.end_run(
@@ -372,6 +520,24 @@ class RunLifecycle:
         )
 
 
+def rate(count: int, seconds: float) -> str:
+    """Rows per second, for a log line (`-` when too quick to tell)."""
+    return f"{count / seconds:.0f}" if seconds > 0 else "-"
+
+
+DRY_RUN_PAGE = 5000  # changes read at a time when a dry run shows them
+
+
+def _hand_over_changes(session: Session, run_id: int, sink: Callable[[Change], None]) -> None:
+    cursor = None
+    while page := change_repo.page_of_changes(
+        session, run_id, after=cursor, upto=None, limit=DRY_RUN_PAGE
+    ):
+        for change in page:
+            sink(change)
+        cursor = page[-1].member_id
+
+
 def settle_stopped_runs(
     session: Session, audience_id: int, destination_id: int, *, now: datetime
 ) -> None:
@@ -380,6 +546,36 @@ def settle_stopped_runs(
     become in doubt; then the dead run's changes are forgotten (the next run computes its
     own). Call with the pair lock held, after closing interrupted runs."""
     for run_id in change_repo.runs_with_changes(session, audience_id, destination_id):
-        failure_repo.mark_in_doubt(session, run_id, audience_id, destination_id, now=now)
-        synced_repo.add_unrecorded_entrants(session, run_id, audience_id, destination_id, now=now)
-        change_repo.drop_changes(session, run_id)
+        settle_run(session, run_id, audience_id, destination_id, now=now)
+
+
+def settle_run(
+    session: Session, run_id: int, audience_id: int, destination_id: int, *, now: datetime
+) -> None:
+    """Close the books of one stopped run: the users of its page in flight become in doubt
+    (and a first `true` it may have sent gets a synced `false`), its changes are dropped."""
+    failure_repo.mark_in_doubt(session, run_id, audience_id, destination_id, now=now)
+    synced_repo.add_unrecorded_entrants(session, run_id, audience_id, destination_id, now=now)
+    change_repo.drop_changes(session, run_id)
+
+
+def pair_run_state(
+    session: Session, pair: AudienceDestination, *, now: datetime, ttl: timedelta
+) -> str | None:
+    """How `status` describes who holds the pair: `running`, `stale (...)`, `running
+    elsewhere (...)`, or None when nobody does."""
+    if pair.lock_owner is None or pair.lock_expires_at is None:
+        return None
+    _, _, number = pair.lock_owner.partition("run:")
+    run = run_repo.get_run(session, int(number)) if number.isdigit() else None
+    if run is not None and run.status != RunStatus.RUNNING:
+        return None  # the run ended; its lock stays behind only until the next run
+    holder = LockHolder(
+        run_id=run.id if run else None,
+        host=run.host if run else None,
+        pid=run.pid if run else None,
+        lock_expires_at=pair.lock_expires_at,
+    )
+    return run_state(
+        holder, now=now, ttl=ttl, this_host=where_this_runs()[0], is_alive=is_process_alive
+    )

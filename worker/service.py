@@ -6,6 +6,7 @@ transaction that records the destination's acceptance.
 """
 
 from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import replace
 from datetime import datetime
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,6 +28,7 @@ from worker.domain import (
     SyncRequest,
     Trigger,
 )
+from worker.payloads import Change
 from worker.plan import Plan
 from worker.pool import DestinationPool
 from worker.runs import RunLifecycle
@@ -127,6 +129,23 @@ class SyncService:
 
     def start_run(self, pair_id: int, request: SyncRequest) -> PreparedRun | RunSummary:
         return self._runs.start_run(pair_id, request)
+
+    def dry_run(
+        self, pair_id: int, request: SyncRequest, on_change: Callable[[Change], None]
+    ) -> RunSummary:
+        """A dry run that hands each change it would send to `on_change` (user id order)."""
+        outcome = self._runs.start_run(
+            pair_id, replace(request, is_dry_run=True), on_dry_change=on_change
+        )
+        assert isinstance(outcome, RunSummary)  # a dry run never delivers
+        return outcome
+
+    def pair_names(self, pair_id: int) -> tuple[str, str]:
+        return self._runs.pair_names(pair_id)
+
+    def cancel_run(self, run_id: int, *, force: bool = False) -> str:
+        """Ask a running run to stop at its next page (`force`: close a dead run at once)."""
+        return self._runs.request_cancel(run_id, force=force)
 
     def deliver_run(self, prepared: PreparedRun) -> RunSummary:
         return self._delivery.deliver_run(prepared)

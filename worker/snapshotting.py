@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from worker.config import resolve_source_url
 from worker.context import ServiceContext
+from worker.domain import Progress
 from worker.repositories import snapshots as snapshot_repo
 from worker.sources import SourceRow, stream_source
 
@@ -25,9 +26,10 @@ def take_snapshot(
     url_template: str,
     query: str,
     timeout: float,
+    progress: Progress | None = None,
 ) -> TakenSnapshot:
     """Stream the source into a new snapshot, in one transaction: a source failure or a
-    crash leaves no snapshot behind."""
+    crash leaves no snapshot behind. `progress` advances by each chunk's rows."""
     began = time.monotonic()
     skipped: dict[str, int] = {}
     received = 0
@@ -52,6 +54,8 @@ def take_snapshot(
             received += len(rows)
             snapshot_repo.add_members(session, snapshot_id, rows)
             ctx.crash_point("writing_snapshot")
+            if progress is not None:
+                progress.advance(len(chunk))
         members = snapshot_repo.finish_snapshot(session, snapshot_id)
     if received > members:
         skipped["duplicate_id"] = received - members

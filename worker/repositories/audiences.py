@@ -223,3 +223,23 @@ def archive_audience(session: Session, audience: Audience, *, now: datetime) -> 
     audience.is_archived = True
     audience.updated_at = now
     return True
+
+
+def set_full_sync_owed(session: Session, pair_id: int, *, is_owed: bool) -> None:
+    """Note that the pair owes a full sync (a full run started) or no longer does (a full
+    run finished)."""
+    session.execute(
+        update(AudienceDestination)
+        .where(AudienceDestination.id == pair_id)
+        .values(is_full_sync_owed=is_owed)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def pair_of(session: Session, audience_id: int, destination_id: int) -> AudienceDestination | None:
+    return session.scalar(
+        select(AudienceDestination).where(
+            AudienceDestination.audience_id == audience_id,
+            AudienceDestination.destination_id == destination_id,
+        )
+    )

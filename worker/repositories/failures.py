@@ -236,3 +236,10 @@ def failures_of_run(
         .order_by(DeliveryFailure.id)
         .limit(limit)
     ).all()
+
+
+def failing_member(
+    session: Session, audience_id: int, destination_id: int, member_id: str
+) -> FailingMember | None:
+    """The user's failing row for the pair: rejected, quarantined or in doubt (or None)."""
+    return session.get(FailingMember, (audience_id, destination_id, member_id))

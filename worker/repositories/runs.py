@@ -25,8 +25,14 @@ def create_run(
     now: datetime,
     status: RunStatus = RunStatus.RUNNING,
     error: str | None = None,
+    host: str | None = None,
+    pid: int | None = None,
+    task_id: str | None = None,
 ) -> SyncRun:
     run = SyncRun(
+        host=host,
+        pid=pid,
+        task_id=task_id,
         audience_id=audience_id,
         destination_id=destination_id,
         mode=mode,
@@ -126,7 +132,11 @@ def last_started(session: Session) -> dict[tuple[int, int], datetime]:
         .where(
             SyncRun.status != RunStatus.SKIPPED,
             SyncRun.mode != RunMode.DRY_RUN,
-            or_(SyncRun.status != RunStatus.BLOCKED, SyncRun.trigger == Trigger.SCHEDULE),
+            # A run made full because one was owed may have been the scheduled one.
+            or_(
+                SyncRun.status != RunStatus.BLOCKED,
+                SyncRun.trigger.in_([Trigger.SCHEDULE, Trigger.FULL_OWED]),
+            ),
         )
         .group_by(SyncRun.audience_id, SyncRun.destination_id)
     ).all()
@@ -158,3 +168,27 @@ def snapshots_in_use(session: Session, audience_id: int) -> set[int]:
         )
         if snapshot_id is not None
     }
+
+
+def request_cancel(session: Session, run_id: int, *, now: datetime) -> bool:
+    """Ask a running run to stop at its next page boundary; whether it was running."""
+    result = session.execute(
+        update(SyncRun)
+        .where(SyncRun.id == run_id, SyncRun.status == RunStatus.RUNNING)
+        .values(cancel_requested_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def is_cancel_requested(session: Session, run_id: int) -> bool:
+    return (
+        session.scalar(select(SyncRun.cancel_requested_at).where(SyncRun.id == run_id)) is not None
+    )
+
+
+def user_runs(session: Session, run_ids: set[int]) -> dict[int, SyncRun]:
+    """The runs with these ids, by id (those that still exist)."""
+    if not run_ids:
+        return {}
+    return {run.id: run for run in session.scalars(select(SyncRun).where(SyncRun.id.in_(run_ids)))}

@@ -119,3 +119,53 @@ def prune_snapshots(session: Session, audience_id: int, *, keep: int, protect: s
     for snapshot_id in doomed:
         delete_snapshot(session, snapshot_id)
     return len(doomed)
+
+
+def latest_membership(
+    session: Session, audience_id: int, member_id: str
+) -> tuple[int, datetime, bool] | None:
+    """(snapshot id, taken at, whether the user is a member) of the audience's latest
+    snapshot; None before its first."""
+    latest = session.execute(
+        select(Snapshot.id, Snapshot.created_at)
+        .where(Snapshot.audience_id == audience_id)
+        .order_by(Snapshot.id.desc())
+        .limit(1)
+    ).first()
+    if latest is None:
+        return None
+    is_member = session.scalar(
+        select(SnapshotMember.member_id).where(
+            SnapshotMember.snapshot_id == latest[0], SnapshotMember.member_id == member_id
+        )
+    )
+    return latest[0], latest[1], is_member is not None
+
+
+def member_history(
+    session: Session, audience_id: int, member_id: str
+) -> list[tuple[datetime, bool]]:
+    """When the user entered (True) or exited (False) the audience over the kept history,
+    oldest first: one entry per change of membership, dated by the snapshot that saw it (a
+    member of the oldest kept snapshot counts as entered then)."""
+    taken = session.execute(
+        select(Snapshot.id, Snapshot.created_at)
+        .where(Snapshot.audience_id == audience_id)
+        .order_by(Snapshot.id)
+    ).all()
+    holding = set(
+        session.scalars(
+            select(SnapshotMember.snapshot_id).where(
+                SnapshotMember.snapshot_id.in_([snapshot_id for snapshot_id, _ in taken]),
+                SnapshotMember.member_id == member_id,
+            )
+        )
+    )
+    events: list[tuple[datetime, bool]] = []
+    was_member = False
+    for snapshot_id, created_at in taken:
+        is_member = snapshot_id in holding
+        if is_member != was_member:
+            events.append((created_at, is_member))
+        was_member = is_member
+    return events

@@ -142,3 +142,10 @@ def refresh_statistics(session: Session) -> None:
     """After a large run on PostgreSQL: fresh statistics keep the next diff's plan right."""
     if is_postgresql(session):
         session.execute(text("ANALYZE synced_members"))
+
+
+def member_state(
+    session: Session, audience_id: int, destination_id: int, member_id: str
+) -> SyncedMember | None:
+    """What the destination last accepted for the user (None: never told)."""
+    return session.get(SyncedMember, (audience_id, destination_id, member_id))
