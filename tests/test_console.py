@@ -80,6 +80,38 @@ def test_pages_show_the_history(synced: Runtime, console_reports: ReportService)
     assert client.get("/?status=succeeded").text.count('class="audience"') == 1
 
 
+def test_user_lookup_shows_what_explain_shows(
+    synced: Runtime, console_reports: ReportService
+) -> None:
+    client = client_for(console_reports)
+    assert 'name="id"' in client.get("/users").text
+    explained = console_reports.explain("u3")
+    page = client.get("/users?id=u3")
+    assert page.status_code == 200
+    assert '<span id="user">u3</span>' in page.text
+    loyal = next(s for s in explained if s.audience == "loyal")
+    [ortto] = loyal.destinations
+    # u3 was rejected by the loyal audience's destination: never told, owed true.
+    assert (ortto.accepted_value, ortto.owed_value, ortto.rejections) == (None, True, 1)
+    section = page.text.split('data-audience="loyal"')[1].split("</section>")[0]
+    assert '<td class="accepted">never told</td>' in section
+    assert '<td class="owed">true</td>' in section
+    assert "&lt;b&gt;bad&lt;/b&gt; contact" in section
+    # u1 is a member of both, accepted by the destination.
+    page = client.get("/users?id=u1")
+    script = page.text.split('data-audience="script_alert_1_script"')[1].split("</section>")[0]
+    assert "A member" in script and '<td class="accepted">true</td>' in script
+    # Users are linked from a run's rejections.
+    with synced.sessions() as session:
+        run_id = max(r.id for r in session.scalars(select(SyncRun)) if r.failed)
+    assert 'href="/users?id=u3"' in client.get(f"/runs/{run_id}").text
+    missing = client.get("/users?id=%3Cscript%3Ealert(1)%3C/script%3E")
+    assert missing.status_code == 404
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in missing.text
+    assert "<script>" not in missing.text
+    assert client.get("/users?id=nobody").status_code == 404
+
+
 @pytest.mark.parametrize("backend", ["sqlite"])
 @pytest.mark.parametrize(
     "path",

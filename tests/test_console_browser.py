@@ -1,7 +1,8 @@
 """The console in a real headless Chromium (Playwright driving the system's Chromium),
 served by a real `audience-sync console` process over a demo-sized sync: every page opens,
-the numbers shown are the database's, a script in an audience's name is shown as text,
-and the token is enforced. Screenshots land in tests/artifacts/.
+the numbers shown are the database's (overview, audience, run, user), a script in an
+audience's name is shown as text, and the token is enforced. Screenshots land in
+tests/artifacts/.
 
 These tests need /usr/bin/chromium (`make test` and `.ci/run` install it); without it they
 fail, never skip.
@@ -21,7 +22,7 @@ from rich.console import Console
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
-from models import Audience, SyncRun
+from models import Audience, SyncedMember, SyncRun
 from worker.config import load_config
 from worker.demo import run_demo
 from worker.domain import SyncRequest
@@ -153,7 +154,24 @@ def _runs(demo: Demo) -> list[tuple[SyncRun, str]]:
         engine.dispose()
 
 
-def test_click_through_overview_audience_run(demo: Demo, console: str, page: Page) -> None:
+def _a_synced_member(demo: Demo, key: str) -> tuple[str, int]:
+    """A user the audience's destination holds as a member, and the run that told it."""
+    engine = create_engine(demo.state_url)
+    try:
+        with Session(engine) as session:
+            member, run_id = session.execute(
+                select(SyncedMember.member_id, SyncedMember.run_id)
+                .join(Audience, Audience.id == SyncedMember.audience_id)
+                .where(Audience.key == key, SyncedMember.is_member.is_(True))
+                .order_by(SyncedMember.member_id)
+                .limit(1)
+            ).one()
+            return str(member), int(run_id)
+    finally:
+        engine.dispose()
+
+
+def test_click_through_overview_audience_run_user(demo: Demo, console: str, page: Page) -> None:
     runs = _runs(demo)
     latest = {key: run for run, key in runs}  # by id order: the last one wins
     page.goto(console + "/")
@@ -190,6 +208,24 @@ def test_click_through_overview_audience_run(demo: Demo, console: str, page: Pag
     assert page.locator("dd.sent").inner_text() == str(first.sent)
     assert page.locator("dd.entered").inner_text() == str(first.entered)
     assert page.locator("dd.members").inner_text() == str(first.members)
+
+    # ... then the user lookup, for a member the destination holds.
+    user, run_id = _a_synced_member(demo, "high_value_customers")
+    page.locator("#user-lookup").click()
+    page.wait_for_url("**/users")
+    page.fill('input[name="id"]', user)
+    page.click('form.lookup button[type="submit"]')
+    page.wait_for_url(f"**/users?id={user}")
+    _shot(page, "user")
+    assert page.locator("#user").inner_text() == user
+    standing = page.locator('section.standing[data-audience="high_value_customers"]')
+    assert standing.locator("p.membership").inner_text().startswith("A member")
+    row = standing.locator('tr[data-destination="local"]')
+    assert row.locator("td.accepted").inner_text() == "true"
+    assert row.locator("a.run").inner_text() == f"#{run_id}"
+    assert row.locator("td.owed").inner_text() == "nothing"
+    answer = page.goto(console + "/users?id=no-such-user")
+    assert answer is not None and answer.status == 404
 
 
 def test_every_page_opens(demo: Demo, console: str, page: Page) -> None:

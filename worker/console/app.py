@@ -23,7 +23,7 @@ from worker.console import svg
 from worker.domain import RunStatus
 from worker.errors import ConfigError, NotFoundError
 from worker.metrics import exposition
-from worker.reports import ReportService
+from worker.reports import AudienceStanding, ReportService
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 COOKIE = "audience_sync_console"
@@ -101,6 +101,19 @@ class _TokenCheck(BaseHTTPMiddleware):
         return _same(request.cookies.get(COOKIE, ""), self._token)
 
 
+def _knows(standing: AudienceStanding) -> bool:
+    """Whether an audience has anything to say of the user: a membership, a value a
+    destination holds, a failure, an entry or exit."""
+    return (
+        bool(standing.is_member)
+        or bool(standing.history)
+        or any(
+            d.accepted_value is not None or d.is_failing or d.is_in_doubt
+            for d in standing.destinations
+        )
+    )
+
+
 def _page_number(request: Request) -> int:
     """The `page` parameter (from 1); anything else is a page that does not exist."""
     text = request.query_params.get("page", "1")
@@ -172,6 +185,15 @@ def create_app(
             raise HTTPException(404, "no such page")
         return render(request, "run.html", {"detail": detail, "run": detail.run})
 
+    async def user(request: Request) -> Response:
+        wanted = request.query_params.get("id")
+        if wanted is None or not wanted.strip():
+            return render(request, "user.html", {"user": None, "standings": []})
+        standings = reports.explain(wanted)
+        if not any(_knows(standing) for standing in standings):
+            raise NotFoundError(f"no audience has ever held or sent user {wanted!r}")
+        return render(request, "user.html", {"user": wanted, "standings": standings})
+
     async def failures(request: Request) -> Response:
         page = _page_number(request)
         found = reports.failing_page(page=page, per_page=FAILING_PER_PAGE)
@@ -221,6 +243,7 @@ def create_app(
         Route("/", overview),
         Route("/audiences/{key}", audience),
         Route("/runs/{run_id:int}", run),
+        Route("/users", user),
         Route("/failures", failures),
         Route("/healthz", healthz),
         Route("/metrics", metrics),
