@@ -137,6 +137,13 @@ def test_unknown_things_are_a_404_page(console_reports: ReportService, path: str
 
 
 @pytest.mark.parametrize("backend", ["sqlite"])
+def test_a_write_method_is_not_allowed(console_reports: ReportService) -> None:
+    answer = client_for(console_reports).post("/", data={"x": "1"})
+    assert answer.status_code == 405
+    assert "<h1>Method Not Allowed</h1>" in answer.text
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
 def test_healthz_wants_a_recent_dispatcher_tick(
     runtime: Runtime, console_reports: ReportService
 ) -> None:

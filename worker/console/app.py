@@ -5,6 +5,7 @@ import hmac
 import ipaddress
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -234,10 +235,11 @@ def create_app(
     async def not_found(request: Request, exc: Exception) -> Response:
         detail = str(exc) if isinstance(exc, NotFoundError) else "there is no such page"
         if isinstance(exc, HTTPException) and exc.status_code != 404:
-            return render(
-                request, "error.html", {"message": exc.detail}, status_code=exc.status_code
-            )
-        return render(request, "error.html", {"message": detail}, status_code=404)
+            status = exc.status_code
+            context = {"title": HTTPStatus(status).phrase, "message": exc.detail}
+            return render(request, "error.html", context, status_code=status)
+        context = {"title": "Not found", "message": detail}
+        return render(request, "error.html", context, status_code=404)
 
     routes = [
         Route("/", overview),
