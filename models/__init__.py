@@ -3,7 +3,7 @@
 from models.audience import Audience, AudienceDestination, Destination, Source
 from models.base import Base
 from models.observability import AlertChannel, AlertSent, AlertState, Heartbeat
-from models.snapshot import Snapshot, SnapshotMember
+from models.snapshot import AudienceMember, MembershipPeriod, Snapshot
 from models.sync import DeliveryFailure, FailingMember, RunChange, SyncedMember, SyncRun
 
 __all__ = [
@@ -12,14 +12,15 @@ __all__ = [
     "AlertState",
     "Audience",
     "AudienceDestination",
+    "AudienceMember",
     "Base",
     "DeliveryFailure",
     "Destination",
     "FailingMember",
     "Heartbeat",
+    "MembershipPeriod",
     "RunChange",
     "Snapshot",
-    "SnapshotMember",
     "Source",
     "SyncRun",
     "SyncedMember",

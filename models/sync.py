@@ -36,7 +36,7 @@ class SyncedMember(Base):
     is_member: Mapped[bool] = mapped_column(Boolean)
     # The email last sent, so an exit can be addressed by email (Ortto merge_by str::email).
     email: Mapped[str | None] = mapped_column(String(255))
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # The run that recorded the value (None: held as `false` after a run that stopped).
     run_id: Mapped[int | None] = mapped_column(BigId)
 
 

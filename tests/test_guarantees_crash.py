@@ -130,6 +130,8 @@ CRASH_STEPS = [
     ("after_lock", 0),
     ("reading_source@2", 0),
     ("writing_snapshot@3", 0),
+    ("loading_staging", 0),
+    ("writing_change_log", 0),
     ("before_delivery", 0),
     ("page_sent@1", 1),
     ("page_sent@2", 1),
@@ -163,7 +165,7 @@ def test_kill_at_each_step_then_rerun_converges(
     dead_run, status, _ = _runs(runtime)[-1]
     assert status == "running"
     step = crash_at.partition("@")[0]
-    if step in ("after_lock", "reading_source", "writing_snapshot"):
+    if step in ("after_lock", "reading_source", "writing_snapshot", "loading_staging"):
         assert _snapshots(runtime) == snapshots  # the half-read source left nothing
     if not step.startswith("page_"):
         assert len(fake.items("ortto")) == received  # nothing was sent

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, text
 
-from models import Snapshot, SnapshotMember, SyncedMember, SyncRun
+from models import AudienceMember, MembershipPeriod, Snapshot, SyncedMember, SyncRun
 from worker.config import load_config
 from worker.domain import SyncRequest
 from worker.errors import ConfigError
@@ -57,7 +57,9 @@ def _counts(runtime: Runtime) -> dict[str, Any]:
     with runtime.sessions() as session:
         return {
             "snapshots": session.scalar(select(func.count()).select_from(Snapshot)),
-            "snapshot_members": session.scalar(select(func.count()).select_from(SnapshotMember)),
+            "members": session.scalar(select(func.count()).select_from(AudienceMember)),
+            "membership_log": session.scalar(select(func.count()).select_from(MembershipPeriod)),
+            "staging": snapshot_repo.drop_stale_staging(session),
             "synced": sorted(
                 session.execute(select(SyncedMember.member_id, SyncedMember.is_member)).all()
             ),
@@ -135,14 +137,21 @@ def test_source_failures_send_nothing(
 
 
 def _count_snapshot_writes(monkeypatch: pytest.MonkeyPatch, written: list[int]) -> None:
-    """Record how many rows each chunk the service writes to a snapshot holds."""
+    """Record how many rows each chunk the service writes to a snapshot holds (either path:
+    cleaned rows streamed, or raw rows by COPY)."""
     original = snapshot_repo.add_members
+    original_block = snapshot_repo.add_copy_block
 
     def add_members(session: Any, snapshot_id: int, rows: Any) -> None:
         written.append(len(rows))
         original(session, snapshot_id, rows)
 
+    def add_copy_block(load: Any, block: Any) -> None:
+        written.append(len(block))
+        original_block(load, block)
+
     monkeypatch.setattr(snapshot_repo, "add_members", add_members)
+    monkeypatch.setattr(snapshot_repo, "add_copy_block", add_copy_block)
 
 
 def _writing_queries(backend: str) -> list[tuple[str, bool, str]]:

@@ -20,7 +20,7 @@ Module map (one line each; the service's parts run top to bottom of a run):
     context        what the service's parts share (sessions, settings, clock, env, hooks)
     crashpoints    the crash-point hook: a no-op, or the guarantee tests' kill switch
     locking        the pair's run lock, its heartbeat, lock-or-skip; where a run runs, stops
-    snapshotting   streaming a source into a snapshot
+    snapshotting   loading a source into a snapshot's staging table (COPY or streamed)
     runs           the run lifecycle: open, snapshot, plan, guards; finish, fail
     delivery       delivering a run's changes page by page and recording the answers
     archive        archiving an audience: a run against an empty membership
@@ -44,7 +44,8 @@ Module map (one line each; the service's parts run top to bottom of a run):
     repositories/  every SQL statement, one owner per table:
       dialect      is_postgresql and the ON CONFLICT insert of each backend
       audiences    sources, destinations, audiences, pairs and the pair lock
-      snapshots    snapshots and their members
+      snapshots    staging tables, the bad-row rules in SQL, membership and its log
+      maintenance  VACUUM and truncation that keep the state small (PostgreSQL)
       changes      run_changes: the diff, pages, chunks
       synced       synced_members: what each destination accepted
       failures     failing_members and delivery_failures: rejections, quarantine, doubt

@@ -62,6 +62,8 @@ class Archiver:
             scope = PairScope(audience_id, destination_id, snapshot_id)
             _, to_exit = change_repo.plan_run_changes(session, scope, opened.run_id)
             run_repo.update_run(session, opened.run_id, snapshot_id=snapshot_id, exited=to_exit)
+            snapshot_repo.apply_snapshot(session, audience_id, snapshot_id, now=self._ctx.clock())
+            snapshot_repo.drop_staging(session, snapshot_id)
         prepared = opened.prepared(
             opened.audience, snapshot_id, is_full=False, to_enter=0, to_exit=to_exit
         )

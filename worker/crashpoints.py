@@ -14,6 +14,8 @@ STEPS = (
     "after_lock",
     "reading_source",
     "writing_snapshot",
+    "loading_staging",
+    "writing_change_log",
     "before_delivery",
     "page_sent",
     "page_recorded",

@@ -44,6 +44,7 @@ from worker.payloads import AudienceRef, Change
 from worker.repositories import audiences as audience_repo
 from worker.repositories import changes as change_repo
 from worker.repositories import failures as failure_repo
+from worker.repositories import maintenance as maintenance_repo
 from worker.repositories import runs as run_repo
 from worker.repositories import snapshots as snapshot_repo
 from worker.repositories import synced as synced_repo
@@ -164,6 +165,7 @@ class RunLifecycle:
                     url_template=opened.source_url,
                     query=opened.query,
                     timeout=opened.source_timeout,
+                    run_id=opened.run_id,
                     progress=shown,
                 )
         except (SourceError, ConfigError) as exc:
@@ -237,6 +239,7 @@ class RunLifecycle:
             if skipped is not None:
                 return self.summarize(skipped, audience.key, destination.name, started)
             run_repo.close_interrupted_runs(session, audience.id, destination.id, now=now)
+            snapshot_repo.drop_stale_staging(session)
             if is_archive or not request.is_dry_run:
                 settle_stopped_runs(session, audience.id, destination.id, now=now)
             has_state = synced_repo.has_state(session, audience.id, destination.id)
@@ -339,6 +342,13 @@ class RunLifecycle:
                 change_repo.drop_changes(session, opened.run_id)
                 snapshot_repo.delete_snapshot(session, snapshot.snapshot_id)
                 run_repo.update_run(session, opened.run_id, snapshot_id=None)
+            else:
+                # Only the difference from the current membership is written; the staging
+                # table stays until the run ends (see end_run).
+                snapshot_repo.apply_snapshot(
+                    session, audience_id, snapshot.snapshot_id, now=self._ctx.clock()
+                )
+                self._ctx.crash_point("writing_change_log")
         return Plan(to_enter, to_exit, has_failing, block, seconds)
 
     def _prepare_destination(self, opened: OpenedRun) -> AudienceRef:
@@ -376,6 +386,12 @@ class RunLifecycle:
                 keep=self._ctx.settings.snapshots_kept,
                 protect={prepared.snapshot_id} | in_use,
             )
+            retention = timedelta(days=self._ctx.settings.membership_log_retention_days)
+            snapshot_repo.prune_log(
+                session, prepared.audience.id, before=self._ctx.clock() - retention
+            )
+            changes = prepared.to_enter + prepared.to_exit
+        maintenance_repo.reclaim_space(self._ctx.sessions, changes=changes)
         return self.end_run(prepared.run_id, prepared.pair_id, prepared.lock_owner, status, error)
 
     def fail_run(self, prepared: PreparedRun, error: str) -> RunSummary:
@@ -480,6 +496,8 @@ class RunLifecycle:
                 # Changes a failed run leaves behind are settled by the pair's next run.
                 run_repo.update_run(session, run_id, status=status, error=error, finished_at=now)
                 audience_repo.release_lock(session, pair_id, owner)
+                if current is not None and current.snapshot_id is not None:
+                    snapshot_repo.drop_staging(session, current.snapshot_id)
             run = run_repo.get_run(session, run_id)
             pair = audience_repo.pair_by_id(session, pair_id)
             assert run is not None and pair is not None

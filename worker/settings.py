@@ -18,6 +18,9 @@ class Settings(BaseSettings):
 
     # Snapshots kept per audience; older ones are pruned after each run.
     snapshots_kept: int = Field(default=3, ge=2)
+    # Days the membership log keeps a user's past membership periods (who entered and
+    # exited in which snapshot); older periods are pruned after each run.
+    membership_log_retention_days: int = Field(default=90, ge=1)
     # Rejections in a row after which a user is quarantined (skipped until retried by hand).
     quarantine_after: int = Field(default=5, ge=1)
     # Transient HTTP failures: attempts per request and exponential backoff bounds.

@@ -1,10 +1,17 @@
-"""Reading audience membership from a source database: read-only, time-limited, streamed."""
+"""Reading audience membership from a source database: read-only, time-limited, streamed.
+
+Two paths. The streamed path reads rows in chunks and cleans them in Python (any source,
+any state database). The COPY path, from a PostgreSQL source into a PostgreSQL state
+database, hands over the raw bytes of `COPY (query) TO STDOUT` for the state database to
+load with `COPY ... FROM STDIN` and clean in SQL: rows never become Python objects.
+"""
 
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from sqlalchemy import URL, Connection, Engine, create_engine, make_url, text
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
@@ -143,6 +150,119 @@ def stream_source(
         raise SourceError(f"source {source_name}: {exc}") from None
 
 
+# Column types whose PostgreSQL text form is what Python's str() gives the streamed path
+# (text, varchar, int2, int4, int8, uuid), so both paths keep the very same ids and emails.
+_COPY_SAFE_TYPES = {25, 1043, 21, 23, 20, 2950}
+
+
+def copy_statement(url: str, query: str, *, timeout_seconds: float, source_name: str) -> str | None:
+    """The `COPY (...) TO STDOUT` statement that reads the query's user_id, anonymous_id and
+    email as text, or None when the source cannot take the COPY path (not PostgreSQL, or a
+    column whose text form could differ from the streamed path's).
+
+    Raises SourceError when the source fails, as `stream_source` does.
+    """
+    try:
+        if make_url(_driver_url(url)).get_backend_name() != "postgresql":
+            return None
+    except ArgumentError:
+        return None  # the streamed path says what is wrong with the URL
+    engine = source_engine(url)
+    try:
+        with engine.connect() as connection, connection.begin():
+            _begin_read_only(connection, timeout_seconds)
+            raw: Any = connection.connection.driver_connection
+            with raw.cursor() as cursor:
+                # On lines of its own: a `--` comment ending the query must not hide the `)`.
+                cursor.execute(f"SELECT * FROM (\n{query}\n) AS q LIMIT 0")
+                description = list(cursor.description or [])
+    except DBAPIError as exc:
+        raise SourceError(f"source {source_name}: {_db_message(exc)}") from None
+    except SQLAlchemyError as exc:
+        raise SourceError(f"source {source_name}: {exc}") from None
+    except psycopg.Error as exc:
+        raise SourceError(f"source {source_name}: {_driver_message(exc)}") from None
+    names = [str(column.name) for column in description]
+    lowered = [name.lower() for name in names]
+    _column_positions(lowered, source_name)
+    selected = []
+    for wanted in ("user_id", "anonymous_id", "email"):
+        if wanted not in lowered:
+            selected.append("NULL")
+            continue
+        if lowered.count(wanted) > 1:
+            return None
+        column = description[lowered.index(wanted)]
+        if column.type_code not in _COPY_SAFE_TYPES:
+            return None
+        quoted = '"' + column.name.replace('"', '""') + '"'
+        selected.append(f"q.{quoted}::text")
+    return f"COPY (SELECT {', '.join(selected)} FROM (\n{query}\n) AS q) TO STDOUT"
+
+
+def copy_rows(
+    url: str, statement: str, *, timeout_seconds: float, fetch_size: int, source_name: str
+) -> Iterator[list[memoryview]]:
+    """Run a `copy_statement` and yield its rows in blocks of `fetch_size`, each row the
+    COPY text bytes the source sent (user_id, anonymous_id, email; never decoded here).
+
+    Raises SourceError for anything the source does wrong: the caller keeps nothing.
+    """
+    engine = source_engine(url)
+    try:
+        with engine.connect() as connection, connection.begin():
+            _begin_read_only(connection, timeout_seconds)
+            raw: Any = connection.connection.driver_connection
+            with raw.cursor() as cursor, cursor.copy(statement) as copy:
+                block: list[memoryview] = []
+                for data in _copy_data(copy, raw.pgconn):
+                    block.append(data)
+                    if len(block) >= fetch_size:
+                        yield block
+                        block = []
+                if block:
+                    yield block
+    except DBAPIError as exc:
+        raise SourceError(f"source {source_name}: {_db_message(exc)}") from None
+    except SQLAlchemyError as exc:
+        raise SourceError(f"source {source_name}: {exc}") from None
+    except psycopg.Error as exc:
+        raise SourceError(f"source {source_name}: {_driver_message(exc)}") from None
+
+
+def _copy_data(copy: Any, pgconn: Any) -> Iterator[memoryview]:
+    """The rows of a COPY TO, as the driver receives them.
+
+    Rows already received are taken straight from libpq, without the driver's wait loop
+    around each one (which costs more than the row); the driver waits when none is there.
+    Needs the driver's COPY object to say it is finished; where it cannot, the driver's own
+    iteration is used.
+    """
+    if not hasattr(copy, "_finished"):
+        yield from copy
+        return
+    get_copy_data = pgconn.get_copy_data
+    while True:
+        size, data = get_copy_data(1)  # 1: do not block
+        if size > 0:
+            yield data
+        elif size == 0:  # nothing received yet: let the driver wait for the next row
+            data = copy.read()
+            if not data:
+                return
+            yield data
+        else:  # the COPY ended (-1) or failed (-2): take its outcome as the driver would
+            copy._finished = True
+            results = []
+            while (result := pgconn.get_result()) is not None:
+                results.append(result)
+            if size == -2 or not results:
+                raise psycopg.OperationalError(pgconn.error_message.decode(errors="replace"))
+            if results[0].status != psycopg.pq.ExecStatus.COMMAND_OK:
+                raise psycopg.errors.error_from_result(results[0])
+            return
+
+
 def check_query(url: str, query: str, *, timeout_seconds: float, source_name: str) -> list[str]:
     """Run the query with no rows wanted, to refuse a broken one at `apply`; return columns."""
     engine = source_engine(url)
@@ -194,6 +314,15 @@ def _clean(row: Any, positions: tuple[int | None, ...]) -> SourceRow | str:
 
 def _db_message(exc: DBAPIError) -> str:
     message = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+    return _timeout_message(message)
+
+
+def _driver_message(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return _timeout_message(lines[0] if lines else type(exc).__name__)
+
+
+def _timeout_message(message: str) -> str:
     if "interrupted" in message or "statement timeout" in message:
         return f"the query ran past its statement timeout ({message})"
     return message

@@ -1,4 +1,5 @@
-"""The diff: set-based anti-joins between a snapshot and a destination's synced state.
+"""The diff: set-based anti-joins between a snapshot's staging table and a destination's
+synced state.
 
 When a run starts, its change set is computed once, in SQL, into `run_changes`; delivery
 then reads it page by page in member_id order (keyset pagination), so neither side is ever
@@ -11,10 +12,11 @@ from typing import Any
 from sqlalchemy import and_, delete, exists, false, func, literal, select, text, true, update
 from sqlalchemy.orm import Session
 
-from models import FailingMember, RunChange, SnapshotMember, SyncedMember, SyncRun
+from models import FailingMember, RunChange, SyncedMember, SyncRun
 from worker.domain import PairScope
 from worker.payloads import Change
 from worker.repositories.dialect import is_postgresql
+from worker.repositories.snapshots import staged
 
 _CHANGE_COLUMNS = [
     "run_id",
@@ -45,9 +47,8 @@ def _failing(scope: PairScope, member_id: Any, *, is_quarantined: bool) -> Any:
 
 
 def _in_snapshot(scope: PairScope, member_id: Any) -> Any:
-    return exists().where(
-        SnapshotMember.snapshot_id == scope.snapshot_id, SnapshotMember.member_id == member_id
-    )
+    stage = staged(scope.snapshot_id)
+    return exists().where(stage.c.member_id == member_id)
 
 
 def _held_as_member(scope: PairScope, member_id: Any) -> Any:
@@ -58,27 +59,33 @@ def _held_as_member(scope: PairScope, member_id: Any) -> Any:
     )
 
 
-def _change_selects(scope: PairScope, run_id: int) -> list[Any]:
+def _change_selects(scope: PairScope, run_id: int, *, has_failing: bool = True) -> list[Any]:
     """The run's changes as run_changes rows, in up to four selects. Each is a plain join or
     anti-join (every NOT EXISTS stands alone in the WHERE clause), so the database plans
-    them as hash anti-joins over the whole audience."""
+    them as hash anti-joins over the whole audience. A pair without failing users (the
+    usual case) needs two: who entered, who left."""
     run = literal(run_id)
+    snapshot = staged(scope.snapshot_id).c
     previous_run = (
         select(SyncedMember.run_id)
-        .where(_pair(scope, SyncedMember), SyncedMember.member_id == SnapshotMember.member_id)
+        .where(_pair(scope, SyncedMember), SyncedMember.member_id == snapshot.member_id)
         .scalar_subquery()
     )
-    not_quarantined_member = ~_failing(scope, SnapshotMember.member_id, is_quarantined=True)
-    not_quarantined_synced = ~_failing(scope, SyncedMember.member_id, is_quarantined=True)
+    not_quarantined_member = (
+        ~_failing(scope, snapshot.member_id, is_quarantined=True) if has_failing else true()
+    )
+    not_quarantined_synced = (
+        ~_failing(scope, SyncedMember.member_id, is_quarantined=True) if has_failing else true()
+    )
     enter = select(
         run,
-        SnapshotMember.member_id,
-        SnapshotMember.is_anonymous,
-        SnapshotMember.email,
+        snapshot.member_id,
+        snapshot.is_anonymous,
+        snapshot.email,
         true(),
         previous_run,
         false(),
-    ).where(SnapshotMember.snapshot_id == scope.snapshot_id, not_quarantined_member)
+    ).where(not_quarantined_member)
     synced_columns = (
         run,
         SyncedMember.member_id,
@@ -101,29 +108,33 @@ def _change_selects(scope: PairScope, run_id: int) -> list[Any]:
         _failing(scope, SyncedMember.member_id, is_quarantined=False),
         ~_in_snapshot(scope, SyncedMember.member_id),
     )
+    if not has_failing:
+        return [
+            enter if scope.is_full else enter.where(~_held_as_member(scope, snapshot.member_id)),
+            leave,
+        ]
     if scope.is_full:
         return [enter, leave, leave_in_doubt]
     enter_in_doubt = (
         select(
             run,
-            SnapshotMember.member_id,
-            SnapshotMember.is_anonymous,
-            SnapshotMember.email,
+            snapshot.member_id,
+            snapshot.is_anonymous,
+            snapshot.email,
             true(),
             SyncedMember.run_id,
             false(),
         )
         .join(
             SyncedMember,
-            and_(_pair(scope, SyncedMember), SyncedMember.member_id == SnapshotMember.member_id),
+            and_(_pair(scope, SyncedMember), SyncedMember.member_id == snapshot.member_id),
         )
         .where(
-            SnapshotMember.snapshot_id == scope.snapshot_id,
             SyncedMember.is_member.is_(True),
-            _failing(scope, SnapshotMember.member_id, is_quarantined=False),
+            _failing(scope, snapshot.member_id, is_quarantined=False),
         )
     )
-    enter_new = enter.where(~_held_as_member(scope, SnapshotMember.member_id))
+    enter_new = enter.where(~_held_as_member(scope, snapshot.member_id))
     return [enter_new, enter_in_doubt, leave, leave_in_doubt]
 
 
@@ -134,7 +145,8 @@ def plan_run_changes(session: Session, scope: PairScope, run_id: int) -> tuple[i
         # Set-based statements over the whole audience: compiling them costs more than it saves.
         session.execute(text("SET LOCAL jit = off"))
     table = RunChange.__table__
-    for query in _change_selects(scope, run_id):
+    has_failing = session.scalar(select(literal(1)).where(_pair(scope, FailingMember)).limit(1))
+    for query in _change_selects(scope, run_id, has_failing=has_failing is not None):
         session.execute(table.insert().from_select(_CHANGE_COLUMNS, query))  # type: ignore[attr-defined]
     counts = dict(
         session.execute(
@@ -240,9 +252,14 @@ def count_member_exits(session: Session, scope: PairScope) -> int:
 
 def count_newly_entered(session: Session, scope: PairScope) -> int:
     """Members not yet `true` at the destination (what a full sync would also count)."""
-    query = select(func.count()).where(
-        SnapshotMember.snapshot_id == scope.snapshot_id,
-        ~_held_as_member(scope, SnapshotMember.member_id),
-        ~_failing(scope, SnapshotMember.member_id, is_quarantined=True),
+    stage = staged(scope.snapshot_id)
+    snapshot = stage.c
+    query = (
+        select(func.count())
+        .select_from(stage)
+        .where(
+            ~_held_as_member(scope, snapshot.member_id),
+            ~_failing(scope, snapshot.member_id, is_quarantined=True),
+        )
     )
     return session.scalar(query) or 0

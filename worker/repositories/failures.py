@@ -9,11 +9,11 @@ from sqlalchemy.orm import Session
 
 from models import (
     Audience,
+    AudienceMember,
     DeliveryFailure,
     Destination,
     FailingMember,
     RunChange,
-    SnapshotMember,
     SyncedMember,
 )
 from worker.domain import PairScope
@@ -175,8 +175,8 @@ def forget_moot(session: Session, scope: PairScope) -> None:
                 SyncedMember.member_id == FailingMember.member_id,
             ),
             ~exists().where(
-                SnapshotMember.snapshot_id == scope.snapshot_id,
-                SnapshotMember.member_id == FailingMember.member_id,
+                AudienceMember.audience_id == scope.audience_id,
+                AudienceMember.member_id == FailingMember.member_id,
             ),
         )
     )

@@ -1,55 +1,132 @@
-"""Snapshot writes (bulk), counts and pruning."""
+"""Snapshots: the staging table a run's source result lands in, its bad-row rules in SQL,
+and applying it to the audience's membership (current members once, exits as a log).
 
-from collections.abc import Sequence
+Each snapshot has its own staging table, `staged_members_<snapshot id>` (UNLOGGED on
+PostgreSQL: it is rebuilt from the source whenever it is lost). It lives from the source
+read until its run ends; when the run's changes are planned the run applies it to
+`audience_members` and `membership_log`, writing only what changed. A snapshot of a
+blocked run or a dry run is dropped unapplied; a dead run's staging table is dropped by a
+later run.
+"""
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import (
+    Boolean,
+    Column,
+    MetaData,
+    String,
+    Table,
+    and_,
+    delete,
+    exists,
+    func,
+    literal,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import Session
 
-from models import Snapshot, SnapshotMember
+from models import Audience, AudienceMember, MembershipPeriod, Snapshot, SyncRun
 from worker.repositories.dialect import insert_for, is_postgresql
-from worker.sources import SourceRow
+from worker.sources import MAX_EMAIL_LENGTH, MAX_ID_LENGTH, PADDED_ID, SourceRow
 
 # Snapshots this large refresh the planner's statistics before they are diffed.
 ANALYZE_THRESHOLD = 10_000
+STAGING_PREFIX = "staged_members_"
+# What Python's str.strip() removes: the bad-row rules in SQL trim exactly as the streamed
+# path does, so both paths keep and count the same rows.
+WHITESPACE = "".join(c for c in map(chr, range(0x110000)) if c.isspace())
+_STAGING_NAME = re.compile(rf"^{STAGING_PREFIX}(\d+)$")
+_RUNNING = "running"  # worker.domain.RunStatus.RUNNING (the domain layer is not imported here)
 
 
-def create_snapshot(session: Session, audience_id: int, *, now: datetime) -> int:
+@dataclass(frozen=True, slots=True)
+class LoadedStaging:
+    """What the bad-row rules left in a staging table loaded by COPY."""
+
+    members: int
+    skipped: dict[str, int]  # reason -> rows, as the streamed path counts them
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipSpan:
+    """One period of a user's membership: entered in one snapshot, exited in another (None:
+    still a member)."""
+
+    entered_snapshot_id: int
+    exited_snapshot_id: int | None
+    exited_at: datetime | None
+
+
+def staging_name(snapshot_id: int) -> str:
+    return f"{STAGING_PREFIX}{int(snapshot_id)}"
+
+
+def staged(snapshot_id: int) -> Table:
+    """The staging table of a snapshot, as a selectable: member_id, is_anonymous, email."""
+    return Table(
+        staging_name(snapshot_id),
+        MetaData(),
+        Column("member_id", String(MAX_ID_LENGTH), primary_key=True),
+        Column("is_anonymous", Boolean),
+        Column("email", String(MAX_EMAIL_LENGTH)),
+    )
+
+
+def _create_staging(session: Session, snapshot_id: int) -> None:
+    unlogged = "UNLOGGED " if is_postgresql(session) else ""
+    session.execute(
+        text(
+            f"CREATE {unlogged}TABLE {staging_name(snapshot_id)} "
+            f"(member_id varchar({MAX_ID_LENGTH}) PRIMARY KEY, is_anonymous boolean NOT NULL, "
+            f"email varchar({MAX_EMAIL_LENGTH}))"
+        )
+    )
+
+
+def create_snapshot(
+    session: Session, audience_id: int, *, now: datetime, with_staging: bool = True
+) -> int:
+    """A new snapshot and its (empty) staging table, for rows given to `add_members`.
+    Without staging the caller loads it with `load_by_copy`."""
     snapshot = Snapshot(audience_id=audience_id, created_at=now, member_count=0)
     session.add(snapshot)
     session.flush()
+    if with_staging:
+        _create_staging(session, snapshot.id)
     return snapshot.id
 
 
 def add_members(session: Session, snapshot_id: int, rows: Sequence[SourceRow]) -> None:
-    """Insert one chunk of members; a duplicate id within the result is kept once.
+    """Insert one chunk of cleaned members into the staging table; a duplicate id within
+    the result is kept once (the first one read).
 
-    PostgreSQL gets the chunk through COPY into a staging table and one INSERT ... SELECT;
+    PostgreSQL gets the chunk through COPY into a temporary table and one INSERT ... SELECT;
     other backends through one multi-row INSERT per chunk.
     """
     if not rows:
         return
+    name = staging_name(snapshot_id)
     if is_postgresql(session):
-        _copy_members(session, snapshot_id, rows)
+        _copy_members(session, name, rows)
         return
-    table = SnapshotMember.__table__
-    statement = insert_for(session, table).on_conflict_do_nothing()  # type: ignore[arg-type]
+    statement = insert_for(session, staged(snapshot_id)).on_conflict_do_nothing()
     session.execute(
         statement,
         [
-            {
-                "snapshot_id": snapshot_id,
-                "member_id": row.member_id,
-                "is_anonymous": row.is_anonymous,
-                "email": row.email,
-            }
+            {"member_id": row.member_id, "is_anonymous": row.is_anonymous, "email": row.email}
             for row in rows
         ],
     )
 
 
-def _copy_members(session: Session, snapshot_id: int, rows: Sequence[SourceRow]) -> None:
+def _copy_members(session: Session, name: str, rows: Sequence[SourceRow]) -> None:
     driver: Any = session.connection().connection.driver_connection
     with driver.cursor() as cursor:
         # Lives until the snapshot's transaction ends; duplicates are dropped on the way in.
@@ -61,29 +138,154 @@ def _copy_members(session: Session, snapshot_id: int, rows: Sequence[SourceRow])
             for row in rows:
                 copy.write_row((row.member_id, row.is_anonymous, row.email))
         cursor.execute(
-            "INSERT INTO snapshot_members (snapshot_id, member_id, is_anonymous, email) "
-            "SELECT %s, member_id, is_anonymous, email FROM snapshot_stage "
-            "ON CONFLICT DO NOTHING",
-            (snapshot_id,),
+            f"INSERT INTO {name} (member_id, is_anonymous, email) "
+            "SELECT member_id, is_anonymous, email FROM snapshot_stage "
+            "ON CONFLICT DO NOTHING"
         )
         cursor.execute("TRUNCATE snapshot_stage")
 
 
+class CopyLoad:
+    """Raw source rows streamed by COPY into a snapshot's raw staging table (PostgreSQL).
+
+    The bytes go through untouched (COPY text format, columns user_id, anonymous_id,
+    email): rows never become Python objects. `finish` then applies the bad-row rules in
+    SQL and leaves the cleaned staging table.
+    """
+
+    def __init__(self, session: Session, snapshot_id: int) -> None:
+        self._session = session
+        self._snapshot_id = snapshot_id
+        self._raw = f"{staging_name(snapshot_id)}_raw"
+        driver: Any = session.connection().connection.driver_connection
+        self._cursor = driver.cursor()
+        # Sorting and hashing a whole audience in memory beats spilling it to disk.
+        self._cursor.execute("SET LOCAL work_mem = '256MB'")
+        self._cursor.execute(
+            f"CREATE UNLOGGED TABLE {self._raw} (user_id text, anonymous_id text, email text)"
+        )
+        self._copy_context = self._cursor.copy(
+            f"COPY {self._raw} (user_id, anonymous_id, email) FROM STDIN"
+        )
+        self._copy = self._copy_context.__enter__()
+
+    def write(self, block: Iterable[bytes | memoryview]) -> None:
+        """Write COPY text rows, each as its source sent it."""
+        # One write per block: a write per row costs more than the copy itself.
+        self._copy.write(b"".join(block))
+
+    def abort(self) -> None:
+        """The source failed: stop the COPY (the transaction is rolled back by the caller)."""
+        try:
+            self._copy_context.__exit__(RuntimeError, RuntimeError("source failed"), None)
+        finally:
+            self._cursor.close()
+
+    def finish(self) -> LoadedStaging:
+        """End the COPY, apply the bad-row rules, and leave the cleaned staging table."""
+        self._copy_context.__exit__(None, None, None)
+        cursor, raw = self._cursor, self._raw
+        name = staging_name(self._snapshot_id)
+        rules = _clean_select(raw)
+        cursor.execute(
+            "SELECT count(*) FILTER (WHERE reason = 'null_id'), "
+            "count(*) FILTER (WHERE reason = 'id_too_long'), "
+            "count(*) FILTER (WHERE reason IS NULL AND padded), "
+            "count(*) FILTER (WHERE reason IS NULL), "
+            "count(DISTINCT member_id) FILTER (WHERE reason IS NULL), "
+            "count(*) FILTER (WHERE reason IS NOT NULL OR is_anonymous "
+            "OR email IS DISTINCT FROM raw_email) "
+            f"FROM ({rules}) AS r",
+            {"ws": WHITESPACE},
+        )
+        null_ids, too_long, padded, valid, members, changed = cursor.fetchone()
+        if not changed and members == valid:
+            # Every row is kept as it came (the usual case): the raw table becomes the
+            # staging table by renames, which touch no row.
+            cursor.execute(f"ALTER TABLE {raw} RENAME TO {name}")
+            cursor.execute(f"ALTER TABLE {name} RENAME COLUMN user_id TO member_id")
+            cursor.execute(f"ALTER TABLE {name} DROP COLUMN anonymous_id")
+            cursor.execute(
+                f"ALTER TABLE {name} ADD COLUMN is_anonymous boolean NOT NULL DEFAULT false"
+            )
+        else:
+            # Duplicates keep the first row read (COPY appends in order, so physical order
+            # is read order), as the streamed path's ON CONFLICT DO NOTHING does.
+            distinct = "DISTINCT ON (member_id) " if members < valid else ""
+            order = " ORDER BY member_id, ord" if members < valid else ""
+            cursor.execute(
+                f"CREATE UNLOGGED TABLE {name} AS SELECT {distinct}"
+                f"member_id::varchar({MAX_ID_LENGTH}) AS member_id, is_anonymous, "
+                f"email::varchar({MAX_EMAIL_LENGTH}) AS email "
+                f"FROM ({rules}) AS r WHERE reason IS NULL{order}",
+                {"ws": WHITESPACE},
+            )
+            cursor.execute(f"DROP TABLE {raw}")
+        cursor.close()
+        skipped = {
+            "null_id": null_ids,
+            "id_too_long": too_long,
+            PADDED_ID: padded,
+            "duplicate_id": valid - members,
+        }
+        return LoadedStaging(members, {k: v for k, v in skipped.items() if v})
+
+
+def add_copy_block(load: CopyLoad, block: Sequence[bytes | memoryview]) -> None:
+    """Write one block of raw COPY rows to a snapshot being loaded by COPY."""
+    load.write(block)
+
+
+def _padded(column: str) -> str:
+    """SQL: the text starts or ends with whitespace (two one-character lookups; cheaper than
+    trimming every value)."""
+    return (
+        f"({column} <> '' AND (strpos(%(ws)s, left({column}, 1)) > 0 "
+        f"OR strpos(%(ws)s, right({column}, 1)) > 0))"
+    )
+
+
+def _has_id(column: str) -> str:
+    """SQL: the text is an id (not NULL, not empty, not only whitespace); trimmed only when
+    it starts with whitespace."""
+    return (
+        f"({column} IS NOT NULL AND {column} <> '' AND (strpos(%(ws)s, left({column}, 1)) = 0 "
+        f"OR btrim({column}, %(ws)s) <> ''))"
+    )
+
+
+def _clean_select(raw: str) -> str:
+    """The bad-row rules of `worker.sources.clean_row`, as SQL over the raw staging table:
+    per row the member id, anonymity, email, whether the id is padded, and the reason the
+    row is skipped (NULL: kept). PostgreSQL text holds no NUL, so `invalid_id` cannot occur."""
+    user_ok, anon_ok = _has_id("user_id"), _has_id("anonymous_id")
+    email = f"CASE WHEN {_padded('email')} THEN btrim(email, %(ws)s) ELSE email END"
+    return (
+        f"SELECT member_id, is_anonymous, ord, raw_email, {_padded('member_id')} AS padded, "
+        "CASE WHEN member_id IS NULL THEN 'null_id' "
+        f"WHEN char_length(member_id) > {MAX_ID_LENGTH} THEN 'id_too_long' END AS reason, "
+        f"CASE WHEN char_length(e) BETWEEN 1 AND {MAX_EMAIL_LENGTH} THEN e END AS email "
+        "FROM (SELECT ctid AS ord, email AS raw_email, "
+        f"CASE WHEN {user_ok} THEN user_id WHEN {anon_ok} THEN anonymous_id END AS member_id, "
+        f"NOT {user_ok} AS is_anonymous, {email} AS e FROM {raw} "
+        # OFFSET 0 keeps the subquery from being flattened: each row's id is worked out
+        # once, not again in every expression that uses it (three times faster).
+        "OFFSET 0) AS c"
+    )
+
+
 def finish_snapshot(session: Session, snapshot_id: int) -> int:
     """Store and return the member count of a fully written snapshot."""
-    count = (
-        session.scalar(
-            select(func.count())
-            .select_from(SnapshotMember)
-            .where(SnapshotMember.snapshot_id == snapshot_id)
-        )
-        or 0
-    )
+    count = session.scalar(select(func.count()).select_from(staged(snapshot_id))) or 0
+    set_member_count(session, snapshot_id, count)
+    return count
+
+
+def set_member_count(session: Session, snapshot_id: int, count: int) -> None:
     session.execute(update(Snapshot).where(Snapshot.id == snapshot_id).values(member_count=count))
     if count >= ANALYZE_THRESHOLD and is_postgresql(session):
         # Fresh statistics, so the diff that follows is planned as hash anti-joins.
-        session.execute(text("ANALYZE snapshot_members"))
-    return count
+        session.execute(text(f"ANALYZE {staging_name(snapshot_id)}"))
 
 
 def previous_member_count(session: Session, audience_id: int, before_id: int) -> int | None:
@@ -96,14 +298,118 @@ def previous_member_count(session: Session, audience_id: int, before_id: int) ->
     )
 
 
+def apply_snapshot(session: Session, audience_id: int, snapshot_id: int, *, now: datetime) -> None:
+    """Make the snapshot the audience's current membership, writing only the difference:
+    members gone get their period closed in the log, new members a row. Runs of the
+    audience's other destinations apply one at a time (the audience row is locked until
+    the transaction ends)."""
+    session.execute(select(Audience.id).where(Audience.id == audience_id).with_for_update())
+    stage = staged(snapshot_id)
+    member = AudienceMember
+    mine = member.audience_id == audience_id
+    gone = and_(mine, ~exists().where(stage.c.member_id == member.member_id))
+    log_columns = [
+        "audience_id",
+        "member_id",
+        "entered_snapshot_id",
+        "exited_snapshot_id",
+        "exited_at",
+    ]
+    exited_at = literal(now, MembershipPeriod.exited_at.type)
+    if is_postgresql(session):
+        # One anti-join: the rows deleted are the ones logged.
+        removed = (
+            delete(member)
+            .where(gone)
+            .returning(member.audience_id, member.member_id, member.entered_snapshot_id)
+            .cte("removed")
+        )
+        log = select(
+            removed.c.audience_id,
+            removed.c.member_id,
+            removed.c.entered_snapshot_id,
+            literal(snapshot_id),
+            exited_at,
+        )
+        session.execute(
+            insert_for(session, MembershipPeriod.__table__)  # type: ignore[arg-type]
+            .from_select(log_columns, log)
+            .on_conflict_do_nothing()
+        )
+    else:
+        log = select(
+            member.audience_id,
+            member.member_id,
+            member.entered_snapshot_id,
+            literal(snapshot_id),
+            exited_at,
+        ).where(gone)
+        session.execute(
+            insert_for(session, MembershipPeriod.__table__)  # type: ignore[arg-type]
+            .from_select(log_columns, log)
+            .on_conflict_do_nothing()
+        )
+        session.execute(delete(member).where(gone).execution_options(synchronize_session=False))
+    session.execute(
+        insert_for(session, member.__table__)  # type: ignore[arg-type]
+        .from_select(
+            ["audience_id", "member_id", "entered_snapshot_id"],
+            select(literal(audience_id), stage.c.member_id, literal(snapshot_id)).where(
+                ~exists().where(mine, member.member_id == stage.c.member_id)
+            ),
+        )
+        .on_conflict_do_nothing()
+    )
+
+
+def drop_staging(session: Session, snapshot_id: int) -> None:
+    session.execute(text(f"DROP TABLE IF EXISTS {staging_name(snapshot_id)}"))
+
+
+def _staging_tables(session: Session) -> dict[int, str]:
+    if is_postgresql(session):
+        names = session.scalars(
+            text("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")
+        )
+    else:
+        names = session.scalars(text("SELECT name FROM sqlite_master WHERE type = 'table'"))
+    found = {}
+    for name in names:
+        match = _STAGING_NAME.match(str(name))
+        if match:
+            found[int(match.group(1))] = str(name)
+    return found
+
+
+def drop_stale_staging(session: Session) -> int:
+    """Drop the staging tables that runs which stopped left behind (those of running runs
+    stay). Returns how many were dropped."""
+    tables = _staging_tables(session)
+    if not tables:
+        return 0
+    running = set(
+        session.scalars(
+            select(SyncRun.snapshot_id).where(
+                SyncRun.status == _RUNNING, SyncRun.snapshot_id.is_not(None)
+            )
+        )
+    )
+    stale = [snapshot_id for snapshot_id in tables if snapshot_id not in running]
+    for snapshot_id in stale:
+        drop_staging(session, snapshot_id)
+    return len(stale)
+
+
 def delete_snapshot(session: Session, snapshot_id: int) -> None:
-    session.execute(delete(SnapshotMember).where(SnapshotMember.snapshot_id == snapshot_id))
+    """Forget an unapplied snapshot (a blocked run's, a dry run's) and its staging."""
+    drop_staging(session, snapshot_id)
     session.execute(delete(Snapshot).where(Snapshot.id == snapshot_id))
 
 
 def prune_snapshots(session: Session, audience_id: int, *, keep: int, protect: set[int]) -> int:
-    """Delete all but the newest `keep` snapshots of the audience (never those in `protect`,
-    which running syncs still read). Returns how many were deleted."""
+    """Delete all but the newest `keep` snapshot rows of the audience (never those in
+    `protect`, which running syncs still read). Returns how many were deleted. Membership
+    history stays in the log, pruned by `prune_log`."""
     keep_ids = session.scalars(
         select(Snapshot.id)
         .where(Snapshot.audience_id == audience_id)
@@ -116,16 +422,125 @@ def prune_snapshots(session: Session, audience_id: int, *, keep: int, protect: s
             Snapshot.id.not_in(set(keep_ids) | protect),
         )
     ).all()
-    for snapshot_id in doomed:
-        delete_snapshot(session, snapshot_id)
+    if doomed:
+        session.execute(delete(Snapshot).where(Snapshot.id.in_(doomed)))
     return len(doomed)
+
+
+def prune_log(session: Session, audience_id: int, *, before: datetime) -> int:
+    """Forget membership periods of the audience that ended before `before` (retention)."""
+    result = session.execute(
+        delete(MembershipPeriod).where(
+            MembershipPeriod.audience_id == audience_id, MembershipPeriod.exited_at < before
+        )
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def current_member_count(session: Session, audience_id: int) -> int:
+    return (
+        session.scalar(
+            select(func.count())
+            .select_from(AudienceMember)
+            .where(AudienceMember.audience_id == audience_id)
+        )
+        or 0
+    )
+
+
+def _members_at_select(audience_id: int, snapshot_id: int) -> Any:
+    current = select(AudienceMember.member_id).where(
+        AudienceMember.audience_id == audience_id,
+        AudienceMember.entered_snapshot_id <= snapshot_id,
+    )
+    past = select(MembershipPeriod.member_id).where(
+        MembershipPeriod.audience_id == audience_id,
+        MembershipPeriod.entered_snapshot_id <= snapshot_id,
+        MembershipPeriod.exited_snapshot_id > snapshot_id,
+    )
+    return current.union_all(past)
+
+
+def members_at(session: Session, audience_id: int, snapshot_id: int) -> list[str]:
+    """The audience's members as of an applied snapshot, from the current membership and the
+    log (complete for snapshots newer than the log's retention), in member_id order."""
+    query = _members_at_select(audience_id, snapshot_id).subquery()
+    return list(session.scalars(select(query.c.member_id).order_by(query.c.member_id)))
+
+
+def count_members_at(session: Session, audience_id: int, snapshot_id: int) -> int:
+    query = _members_at_select(audience_id, snapshot_id).subquery()
+    return session.scalar(select(func.count()).select_from(query)) or 0
+
+
+def membership_spans(session: Session, audience_id: int, member_id: str) -> list[MembershipSpan]:
+    """A user's membership periods in the audience, oldest first (as far back as the log's
+    retention reaches)."""
+    past = session.execute(
+        select(
+            MembershipPeriod.entered_snapshot_id,
+            MembershipPeriod.exited_snapshot_id,
+            MembershipPeriod.exited_at,
+        )
+        .where(MembershipPeriod.audience_id == audience_id, MembershipPeriod.member_id == member_id)
+        .order_by(MembershipPeriod.exited_snapshot_id)
+    ).all()
+    spans = [MembershipSpan(int(e), int(x), at) for e, x, at in past]
+    entered = session.scalar(
+        select(AudienceMember.entered_snapshot_id).where(
+            AudienceMember.audience_id == audience_id, AudienceMember.member_id == member_id
+        )
+    )
+    if entered is not None:
+        spans.append(MembershipSpan(int(entered), None, None))
+    return spans
+
+
+def _snapshot_times(session: Session, snapshot_ids: set[int]) -> dict[int, datetime]:
+    """When each snapshot was taken: its row while kept, else the start of the run that took
+    it (runs are kept longer than snapshot rows)."""
+    if not snapshot_ids:
+        return {}
+    times: dict[int, datetime] = {
+        int(i): at
+        for i, at in session.execute(
+            select(SyncRun.snapshot_id, SyncRun.started_at).where(
+                SyncRun.snapshot_id.in_(snapshot_ids)
+            )
+        )
+        if i is not None
+    }
+    times.update(
+        (int(i), at)
+        for i, at in session.execute(
+            select(Snapshot.id, Snapshot.created_at).where(Snapshot.id.in_(snapshot_ids))
+        )
+    )
+    return times
+
+
+def member_history(
+    session: Session, audience_id: int, member_id: str
+) -> list[tuple[datetime, bool]]:
+    """When the user entered (True) or exited (False) the audience, oldest first, read from
+    the membership log (as far back as its retention reaches)."""
+    spans = membership_spans(session, audience_id, member_id)
+    times = _snapshot_times(session, {span.entered_snapshot_id for span in spans})
+    events: list[tuple[datetime, bool]] = []
+    for span in spans:
+        entered_at = times.get(span.entered_snapshot_id)
+        if entered_at is not None:
+            events.append((entered_at, True))
+        if span.exited_at is not None:
+            events.append((span.exited_at, False))
+    return events
 
 
 def latest_membership(
     session: Session, audience_id: int, member_id: str
 ) -> tuple[int, datetime, bool] | None:
     """(snapshot id, taken at, whether the user is a member) of the audience's latest
-    snapshot; None before its first."""
+    snapshot; None before its first. Membership is the current one, kept once."""
     latest = session.execute(
         select(Snapshot.id, Snapshot.created_at)
         .where(Snapshot.audience_id == audience_id)
@@ -134,38 +549,17 @@ def latest_membership(
     ).first()
     if latest is None:
         return None
-    is_member = session.scalar(
-        select(SnapshotMember.member_id).where(
-            SnapshotMember.snapshot_id == latest[0], SnapshotMember.member_id == member_id
-        )
-    )
-    return latest[0], latest[1], is_member is not None
+    return int(latest[0]), latest[1], is_member(session, audience_id, member_id)
 
 
-def member_history(
-    session: Session, audience_id: int, member_id: str
-) -> list[tuple[datetime, bool]]:
-    """When the user entered (True) or exited (False) the audience over the kept history,
-    oldest first: one entry per change of membership, dated by the snapshot that saw it (a
-    member of the oldest kept snapshot counts as entered then)."""
-    taken = session.execute(
-        select(Snapshot.id, Snapshot.created_at)
-        .where(Snapshot.audience_id == audience_id)
-        .order_by(Snapshot.id)
-    ).all()
-    holding = set(
-        session.scalars(
-            select(SnapshotMember.snapshot_id).where(
-                SnapshotMember.snapshot_id.in_([snapshot_id for snapshot_id, _ in taken]),
-                SnapshotMember.member_id == member_id,
+def is_member(session: Session, audience_id: int, member_id: str) -> bool:
+    """Whether the user is a member as of the audience's latest applied snapshot."""
+    return (
+        session.scalar(
+            select(literal(1)).where(
+                AudienceMember.audience_id == audience_id,
+                AudienceMember.member_id == member_id,
             )
         )
+        is not None
     )
-    events: list[tuple[datetime, bool]] = []
-    was_member = False
-    for snapshot_id, created_at in taken:
-        is_member = snapshot_id in holding
-        if is_member != was_member:
-            events.append((created_at, is_member))
-        was_member = is_member
-    return events

@@ -1,29 +1,29 @@
 """synced_members: the last value each destination accepted for each user (its only writer)."""
 
 from collections.abc import Sequence
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from sqlalchemy import and_, false, func, literal, select, text
 from sqlalchemy.orm import Session
 
-from models import RunChange, SyncedMember
+from models import RunChange, SyncedMember, SyncRun
 from worker.payloads import Change
 from worker.repositories.dialect import insert_for, is_postgresql
 
 _KEY = ["audience_id", "destination_id", "member_id"]
-_COLUMNS = [*_KEY, "is_anonymous", "is_member", "email", "updated_at", "run_id"]
+_COLUMNS = [*_KEY, "is_anonymous", "is_member", "email", "run_id"]
 
 # One statement for a whole page on PostgreSQL: arrays in, unnest, upsert.
 _UPSERT_PAGE = text(
     "INSERT INTO synced_members (audience_id, destination_id, member_id, "
-    "is_anonymous, is_member, email, updated_at, run_id) "
-    "SELECT :audience_id, :destination_id, m, a, v, e, :now, :run_id "
+    "is_anonymous, is_member, email, run_id) "
+    "SELECT :audience_id, :destination_id, m, a, v, e, :run_id "
     "FROM unnest(CAST(:ids AS text[]), CAST(:anons AS boolean[]), "
     "CAST(:values AS boolean[]), CAST(:emails AS text[])) AS t(m, a, v, e) "
     "ON CONFLICT (audience_id, destination_id, member_id) DO UPDATE SET "
     "is_member = excluded.is_member, is_anonymous = excluded.is_anonymous, "
-    "email = excluded.email, updated_at = excluded.updated_at, "
-    "run_id = excluded.run_id"
+    "email = excluded.email, run_id = excluded.run_id"
 )
 
 
@@ -45,7 +45,6 @@ def record_accepted(
             {
                 "audience_id": audience_id,
                 "destination_id": destination_id,
-                "now": now,
                 "run_id": run_id,
                 "ids": [c.member_id for c in changes],
                 "anons": [c.is_anonymous for c in changes],
@@ -59,7 +58,7 @@ def record_accepted(
         index_elements=_KEY,
         set_={
             name: getattr(statement.excluded, name)
-            for name in ("is_member", "is_anonymous", "email", "updated_at", "run_id")
+            for name in ("is_member", "is_anonymous", "email", "run_id")
         },
     )
     session.execute(
@@ -72,7 +71,6 @@ def record_accepted(
                 "is_anonymous": change.is_anonymous,
                 "is_member": change.value,
                 "email": change.email,
-                "updated_at": now,
                 "run_id": run_id,
             }
             for change in changes
@@ -97,7 +95,6 @@ def add_unrecorded_entrants(
                 RunChange.is_anonymous,
                 false(),
                 RunChange.email,
-                literal(now, SyncedMember.updated_at.type),
                 literal(None),
             ).where(
                 and_(RunChange.run_id == run_id, RunChange.is_in_flight.is_(True)),
@@ -144,8 +141,40 @@ def refresh_statistics(session: Session) -> None:
         session.execute(text("ANALYZE synced_members"))
 
 
+@dataclass(frozen=True, slots=True)
+class SyncedState:
+    """What a destination last accepted for one user, and when (the recording run's end,
+    or its start while it runs; None for a user held as `false` after a run that stopped)."""
+
+    is_member: bool
+    run_id: int | None
+    updated_at: datetime | None
+
+
 def member_state(
     session: Session, audience_id: int, destination_id: int, member_id: str
-) -> SyncedMember | None:
+) -> SyncedState | None:
     """What the destination last accepted for the user (None: never told)."""
-    return session.get(SyncedMember, (audience_id, destination_id, member_id))
+    row = session.execute(
+        select(
+            SyncedMember.is_member,
+            SyncedMember.run_id,
+            func.coalesce(SyncRun.finished_at, SyncRun.started_at),
+        )
+        .outerjoin(SyncRun, SyncRun.id == SyncedMember.run_id)
+        .where(
+            SyncedMember.audience_id == audience_id,
+            SyncedMember.destination_id == destination_id,
+            SyncedMember.member_id == member_id,
+        )
+    ).first()
+    if row is None:
+        return None
+    return SyncedState(bool(row[0]), row[1], _aware(row[2]))
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes from an expression; they are UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
