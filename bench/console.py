@@ -36,8 +36,8 @@ def add_synced(url: str, *, users: int) -> int:
         connection.execute(
             text(
                 "insert into synced_members (audience_id, destination_id, member_id, "
-                "is_anonymous, is_member, email, updated_at, run_id) "
-                "select 1, 1, 'user-' || lpad(n::text, 8, '0'), false, true, null, now(), 1 "
+                "is_anonymous, is_member, email, run_id) "
+                "select 1, 1, 'user-' || lpad(n::text, 8, '0'), false, true, null, 1 "
                 "from generate_series(1, :users) as n"
             ),
             {"users": users},
@@ -95,6 +95,7 @@ def main() -> None:
             f"/runs/{run_id}?page=400",
             "/failures",
             "/failures?page=11",
+            "/users?id=user-00000200",
             "/healthz",
             "/metrics",
         ]
