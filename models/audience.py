@@ -54,6 +54,11 @@ class Audience(Base):
     schedule: Mapped[str] = mapped_column(String(100))
     max_exit_fraction: Mapped[float] = mapped_column(Float)
     is_archived: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The workspace's space id (`workspace.space_id` of the file): Engage's
+    # `context.personas.space_id` and `namespace` in every call about the audience.
+    space_id: Mapped[str] = mapped_column(
+        String(100), default="audience-sync", server_default="audience-sync"
+    )
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
@@ -72,8 +77,13 @@ class AudienceDestination(Base):
     destination_id: Mapped[int] = mapped_column(ForeignKey("destinations.id"))
     # False once the audience no longer lists the destination; synced state is kept.
     is_enabled: Mapped[bool] = mapped_column(Boolean, default=True)
-    # Destination-side id of the audience's field (Ortto REST custom field), once known.
+    # Destination-side id of the audience's field (Ortto REST custom field) or audience
+    # (native Ortto audience), once known.
     external_field_id: Mapped[str | None] = mapped_column(String(200))
+    # What each change becomes: the values of worker.payloads.SendAs.
+    send_as: Mapped[str] = mapped_column(String(10), default="identify", server_default="identify")
+    # The name the pair's native Ortto audience is created with (None: the audience's name).
+    ortto_audience_name: Mapped[str | None] = mapped_column(String(200))
     # Run lock: a run holds it while it works; an expired lock is free again.
     lock_owner: Mapped[str | None] = mapped_column(String(100))
     lock_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -36,6 +36,8 @@ class SyncedMember(Base):
     is_member: Mapped[bool] = mapped_column(Boolean)
     # The email last sent, so an exit can be addressed by email (Ortto merge_by str::email).
     email: Mapped[str | None] = mapped_column(String(255))
+    # The anonymous id last sent with the user id, so an exit carries both ids too.
+    anonymous_id: Mapped[str | None] = mapped_column(String(255))
     # The run that recorded the value (None: held as `false` after a run that stopped).
     run_id: Mapped[int | None] = mapped_column(BigId)
 
@@ -86,6 +88,8 @@ class RunChange(Base):
     # The run that recorded the destination's current value (None: never told).
     previous_run_id: Mapped[int | None] = mapped_column(BigId)
     is_in_flight: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The anonymous id that travels with the user id, when the member has both.
+    anonymous_id: Mapped[str | None] = mapped_column(String(255))
 
 
 class DeliveryFailure(Base):

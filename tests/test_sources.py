@@ -24,7 +24,11 @@ from worker.testing.databases import ShopSource, postgres_database
         (17, None, None, SourceRow("17", False, None)),
         (None, "anon", None, SourceRow("anon", True, None)),
         ("", "anon", None, SourceRow("anon", True, None)),
-        ("u1", "anon", None, SourceRow("u1", False, None)),
+        # Both ids: the user id is the identity, the anonymous id travels with it.
+        ("u1", "anon", None, SourceRow("u1", False, None, "anon")),
+        ("u1", "  ", None, SourceRow("u1", False, None)),
+        ("u1", "a" * 256, None, SourceRow("u1", False, None)),
+        ("u1", "a\x00", None, SourceRow("u1", False, None)),
         ("  u1  ", None, "  ", SourceRow("  u1  ", False, None)),  # the id as it is
         ("Alice", None, None, SourceRow("Alice", False, None)),  # no case folding
         ("\talice\n", None, None, SourceRow("\talice\n", False, None)),

@@ -114,6 +114,7 @@ class Catalog:
                     "schedule": aspec.schedule,
                     "max_exit_fraction": aspec.max_exit_fraction,
                     "is_archived": False,
+                    "space_id": config.space_id,
                 }
                 if audience is None:
                     audience = audience_repo.create_audience(
@@ -123,6 +124,14 @@ class Catalog:
                     audience_repo.update_audience(session, audience, now=now, **values)
                 wanted = {destinations[name].id for name in aspec.destinations}
                 audience_repo.set_destinations(session, audience, wanted)
+                audience_repo.set_pair_outputs(
+                    session,
+                    audience.id,
+                    {
+                        destinations[o.name].id: (o.send_as.value, o.ortto_audience_name)
+                        for o in aspec.outputs
+                    },
+                )
             for audience in existing.values():
                 audience_repo.archive_audience(session, audience, now=now)
             alert_repo.save_channels(session, config.alerts)

@@ -15,17 +15,29 @@ from typing import Annotated, Any, NoReturn
 
 import sqlparse
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlparse import tokens as sql_tokens
 
-from worker.destinations.registry import DestinationSettingsError, resolve_settings
+from worker.destinations.registry import (
+    DestinationSettingsError,
+    resolve_settings,
+    settings_class,
+)
 from worker.destinations.settings import describe_error
 from worker.domain import AlertEvent
 from worker.envrefs import has_env_ref, resolve_env
 from worker.errors import ConfigError
 from worker.keys import audience_key, validate_pinned_key
+from worker.payloads import DEFAULT_SPACE_ID, SendAs
 from worker.scheduling import DEFAULT_SCHEDULE, parse_schedule
 
 
@@ -44,8 +56,31 @@ class AudienceModel(_Strict):
     source: str
     query: str = Field(min_length=1)
     schedule: str = DEFAULT_SCHEDULE
-    destinations: list[str] = Field(min_length=1)
+    # A destination's name, or `{name: NAME, send_as: ..., ortto_audience_name: ...}`.
+    destinations: list[str | dict[str, Any]] = Field(min_length=1)
     max_exit_fraction: float = Field(default=0.5, gt=0, le=1)
+
+
+class PairModel(_Strict):
+    """One destination of an audience written as a mapping (checked by `_pair_spec`)."""
+
+    name: str = Field(min_length=1, max_length=100)
+    send_as: str = SendAs.IDENTIFY.value
+    ortto_audience_name: str | None = None
+
+
+class WorkspaceModel(_Strict):
+    space_id: str = Field(default=DEFAULT_SPACE_ID, max_length=100)
+
+    @field_validator("space_id")
+    @classmethod
+    def _space_id_is_not_blank(cls, value: str) -> str:
+        if not value:
+            raise ValueError(
+                f"workspace.space_id is blank: write the workspace's space id (like "
+                f"spa_o1E9...), or leave the key out for {DEFAULT_SPACE_ID!r}"
+            )
+        return value
 
 
 # Source and destination names: the state database keeps at most 100 characters.
@@ -60,6 +95,7 @@ class AlertModel(_Strict):
 
 
 class ConfigModel(_Strict):
+    workspace: WorkspaceModel | None = None
     sources: dict[Name, SourceModel] = Field(default_factory=dict)
     destinations: dict[Name, dict[str, Any]] = Field(default_factory=dict)
     audiences: list[AudienceModel] = Field(default_factory=list)
@@ -81,6 +117,15 @@ class DestinationSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class PairSpec:
+    """How an audience goes to one of its destinations."""
+
+    name: str
+    send_as: SendAs = SendAs.IDENTIFY
+    ortto_audience_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class AudienceSpec:
     key: str
     name: str
@@ -90,6 +135,8 @@ class AudienceSpec:
     schedule: str
     destinations: tuple[str, ...]
     max_exit_fraction: float
+    # One per destination, in the order of `destinations`.
+    outputs: tuple[PairSpec, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +154,8 @@ class Config:
     sources: tuple[SourceSpec, ...]
     destinations: tuple[DestinationSpec, ...]
     audiences: tuple[AudienceSpec, ...]
+    # The workspace's space id (Engage's `context.personas.space_id` and `namespace`).
+    space_id: str = DEFAULT_SPACE_ID
     alerts: tuple[AlertSpec, ...] = ()
 
 
@@ -126,6 +175,56 @@ def check_destination(
         line = f" (line {number})" if number else ""
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{exc.where}{line}: {exc.reason}") from None
+
+
+def _pair_spec(
+    entry: str | dict[str, Any],
+    loc: tuple[int | str, ...],
+    kinds: Mapping[str, Any],
+    root: yaml.Node | None,
+    path: Path,
+) -> PairSpec:
+    """One destination entry of an audience, checked against its destination's type; a
+    problem names the file and the line."""
+
+    def refuse(key: str | None, message: str) -> ConfigError:
+        at = (*loc, key) if key else loc
+        number = _line_of(root, at) if root is not None else None
+        line = f" (line {number})" if number else ""
+        where = ".".join(str(part) for part in at)
+        return ConfigError(f"{path}{line}: {where}: {message}")
+
+    if isinstance(entry, str):
+        return PairSpec(entry)
+    try:
+        pair = PairModel.model_validate(entry)
+    except ValidationError as exc:
+        error_loc, reason = describe_error(exc)
+        key = str(error_loc[0]) if error_loc else None
+        raise refuse(key, reason.removeprefix(f"{key}: ")) from None
+    try:
+        send_as = SendAs(pair.send_as)
+    except ValueError:
+        choices = ", ".join(value.value for value in SendAs)
+        raise refuse("send_as", f"must be one of {choices} (got {pair.send_as!r})") from None
+    kind = kinds.get(pair.name)
+    settings = settings_class(kind)
+    if settings is not None and send_as != SendAs.IDENTIFY and not settings.accepts_track:
+        raise refuse(
+            "send_as",
+            f"destination {pair.name!r} is of type {kind}, which takes no track events; "
+            "use send_as: identify",
+        )
+    if pair.ortto_audience_name is not None:
+        if settings is not None and not settings.keeps_native_audiences:
+            raise refuse(
+                "ortto_audience_name",
+                f"destination {pair.name!r} is of type {kind}; only an ortto-audiences "
+                "destination keeps a native Ortto audience to name",
+            )
+        if not pair.ortto_audience_name:
+            raise refuse("ortto_audience_name", "is blank; write a name or leave the key out")
+    return PairSpec(pair.name, send_as, pair.ortto_audience_name)
 
 
 def resolve_source_url(name: str, template: str, env: Mapping[str, str]) -> str:
@@ -216,10 +315,16 @@ def _build(
     for name, template in model.destinations.items():
         check_destination(name, template, env, root, path)
         destinations.append(DestinationSpec(name, str(template["type"]), dict(template)))
+    kinds = {name: template.get("type") for name, template in model.destinations.items()}
     audiences: list[AudienceSpec] = []
     seen_keys: dict[str, str] = {}
     for index, audience in enumerate(model.audiences):
         where = f"audiences[{index}] ({audience.name!r})"
+        outputs = tuple(
+            _pair_spec(entry, ("audiences", index, "destinations", position), kinds, root, path)
+            for position, entry in enumerate(audience.destinations)
+        )
+        names = [output.name for output in outputs]
         derived = audience_key(audience.name)  # refuses a name with no letters or digits
         key = validate_pinned_key(audience.key) if audience.key else derived
         if key in seen_keys:
@@ -233,13 +338,13 @@ def _build(
                 f"{where}: unknown source {audience.source!r}; "
                 f"defined sources: {', '.join(model.sources) or 'none'}"
             )
-        for destination in audience.destinations:
+        for destination in names:
             if destination not in model.destinations:
                 raise ConfigError(
                     f"{where}: unknown destination {destination!r}; defined destinations: "
                     f"{', '.join(model.destinations) or 'none'}"
                 )
-        if len(set(audience.destinations)) != len(audience.destinations):
+        if len(set(names)) != len(names):
             raise ConfigError(f"{where}: a destination is listed twice")
         check_single_statement(where, audience.query)
         try:
@@ -254,11 +359,13 @@ def _build(
                 source=audience.source,
                 query=statement_body(audience.query),
                 schedule=audience.schedule,
-                destinations=tuple(audience.destinations),
+                destinations=tuple(names),
                 max_exit_fraction=audience.max_exit_fraction,
+                outputs=outputs,
             )
         )
-    return Config(tuple(sources), tuple(destinations), tuple(audiences))
+    space_id = model.workspace.space_id if model.workspace else DEFAULT_SPACE_ID
+    return Config(tuple(sources), tuple(destinations), tuple(audiences), space_id)
 
 
 def _alerts_on_key(data: dict[Any, Any]) -> None:

@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlalchemy.orm import Session
 
 from worker.context import ServiceContext
-from worker.destinations.base import DestinationClient, Rejection
+from worker.destinations.base import DestinationClient
 from worker.domain import (
     FanOut,
     PreparedRun,
@@ -18,7 +18,7 @@ from worker.domain import (
 )
 from worker.errors import DestinationError
 from worker.locking import LOST_LOCK, RunStopped, check_stop, heartbeat, still_held
-from worker.payloads import Change, identify_call
+from worker.payloads import Change, RejectedCall, change_rejections, delivery_calls
 from worker.repositories import audiences as audience_repo
 from worker.repositories import changes as change_repo
 from worker.repositories import failures as failure_repo
@@ -99,12 +99,12 @@ class Delivery:
             if not page:
                 return
             now = self._ctx.clock()
-            calls = [
-                identify_call(prepared.audience, prepared.destination_id, change, now=now)
-                for change in page
-            ]
+            # One or two calls per change (send_as); a change counts as accepted only when
+            # every one of its calls was.
+            calls = delivery_calls(prepared.audience, prepared.destination_id, page, now=now)
             with heartbeat(self._ctx, prepared.pair_id, prepared.lock_owner):
-                rejections = client.deliver(prepared.audience, calls)
+                answered = client.deliver(prepared.audience, calls)
+            rejections = change_rejections(answered, prepared.audience.send_as)
             self._ctx.crash_point("page_sent")
             with self._ctx.unit_of_work() as session:
                 self._record_page(session, prepared, page, rejections, now=now)
@@ -118,7 +118,7 @@ class Delivery:
         session: Session,
         prepared: PreparedRun,
         page: Sequence[Change],
-        rejections: Sequence[Rejection],
+        rejections: Sequence[RejectedCall],
         *,
         now: datetime,
     ) -> None:

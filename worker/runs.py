@@ -40,7 +40,7 @@ from worker.locking import (
     run_state,
     where_this_runs,
 )
-from worker.payloads import AudienceRef, Change
+from worker.payloads import AudienceRef, Change, SendAs
 from worker.repositories import audiences as audience_repo
 from worker.repositories import changes as change_repo
 from worker.repositories import failures as failure_repo
@@ -153,6 +153,19 @@ class RunLifecycle:
         if opened.is_full and not request.is_full:
             # The pair owes a full sync: this run is one, whatever was asked.
             request = replace(request, is_full=True, trigger=Trigger.FULL_OWED)
+        audience = opened.audience
+        if audience.field_id is not None and not request.is_dry_run:
+            # Before planning, check the destination still has what the pair's id names: one
+            # that lost it (an Ortto audience deleted) gets a new, empty one, and the pair
+            # then owes a full sync, starting with this run.
+            try:
+                audience = self._prepare_destination(opened)
+            except (DestinationError, ConfigError) as exc:
+                return self._end(opened, RunStatus.FAILED, str(exc))
+            if is_destination_reset(opened.audience, audience) and not request.is_full:
+                request = replace(request, is_full=True)
+                with self._ctx.unit_of_work() as session:
+                    run_repo.update_run(session, opened.run_id, mode=RunMode.FULL)
         name = f"{opened.audience.key} -> {opened.destination_name}"
         shown = self._ctx.progress()
         shown.start(f"{name}: reading the source into a snapshot", 0)
@@ -202,10 +215,11 @@ class RunLifecycle:
             return self._end(opened, RunStatus.BLOCKED, plan.block)
         if request.is_dry_run:
             return self._end(opened, RunStatus.SUCCEEDED, None)
-        try:
-            audience = self._prepare_destination(opened)
-        except (DestinationError, ConfigError) as exc:
-            return self._end(opened, RunStatus.FAILED, str(exc))
+        if audience.field_id is None:
+            try:
+                audience = self._prepare_destination(opened)
+            except (DestinationError, ConfigError) as exc:
+                return self._end(opened, RunStatus.FAILED, str(exc))
         self._ctx.crash_point("before_delivery")
         return opened.prepared(
             audience,
@@ -272,8 +286,11 @@ class RunLifecycle:
                 run_id=run.id,
                 pair_id=pair_id,
                 owner=owner,
-                audience=AudienceRef(
-                    audience.id, audience.key, audience.name, pair.external_field_id
+                audience=replace(
+                    AudienceRef(audience.id, audience.key, audience.name, pair.external_field_id),
+                    space_id=audience.space_id,
+                    send_as=SendAs(pair.send_as),
+                    external_name=pair.ortto_audience_name,
                 ),
                 destination_id=destination.id,
                 destination_name=destination.name,
@@ -358,10 +375,14 @@ class RunLifecycle:
         field_id = client.prepare(opened.audience)
         if field_id == opened.audience.field_id:
             return opened.audience
+        prepared = replace(opened.audience, field_id=field_id)
         with self._ctx.unit_of_work() as session:
             audience_repo.set_field_id(session, opened.pair_id, field_id)
-        ref = opened.audience
-        return AudienceRef(ref.id, ref.key, ref.name, field_id)
+            if is_destination_reset(opened.audience, prepared):
+                # What the old id held is gone: the pair owes a full sync until one
+                # finishes, whatever becomes of this run (blocked, failed, killed).
+                audience_repo.set_full_sync_owed(session, opened.pair_id, is_owed=True)
+        return prepared
 
     def finish_run(self, prepared: PreparedRun) -> RunSummary:
         """Close a run whose delivery is complete: succeeded, or partial with failures."""
@@ -536,6 +557,12 @@ class RunLifecycle:
             error=run.error,
             duration_seconds=round(duration, 3),
         )
+
+
+def is_destination_reset(before: AudienceRef, after: AudienceRef) -> bool:
+    """Whether preparing the destination replaced a destination-side id it had before: what
+    the old one held is gone, so the synced state says nothing about the new one."""
+    return before.field_id is not None and after.field_id != before.field_id
 
 
 def rate(count: int, seconds: float) -> str:

@@ -33,6 +33,9 @@ class SourceRow:
     member_id: str
     is_anonymous: bool
     email: str | None
+    # The anonymous id of a member identified by its user id, when the source has both: it
+    # travels with the member and is sent, but is not its identity.
+    anonymous_id: str | None = None
 
     @property
     def is_padded(self) -> bool:
@@ -46,9 +49,10 @@ def clean_row(user_id: Any, anonymous_id: Any, email: Any) -> SourceRow | str:
 
     The id is the exact text the source returned: never stripped nor case-folded, so
     ' alice ' and 'alice' are two users. Only a NULL or empty id (nothing but whitespace
-    counts as empty) is no id. `user_id` wins over `anonymous_id` when both are present. An
-    email that cannot be valid (empty, over 255 characters, a NUL character) is dropped, not
-    the member.
+    counts as empty) is no id. `user_id` wins over `anonymous_id` when both are present: it is
+    the member's identity, and the anonymous id travels with it (one that could not be an id,
+    empty, too long or with a NUL character, is dropped). An email that cannot be valid
+    (empty, over 255 characters, a NUL character) is dropped, not the member.
     """
     for value, is_anonymous in ((user_id, False), (anonymous_id, True)):
         if value is None:
@@ -62,9 +66,20 @@ def clean_row(user_id: Any, anonymous_id: Any, email: Any) -> SourceRow | str:
             return "invalid_id"
         clean_email = str(email).strip() if email is not None else ""
         if not clean_email or len(clean_email) > MAX_EMAIL_LENGTH or "\x00" in clean_email:
-            return SourceRow(member_id, is_anonymous, None)
-        return SourceRow(member_id, is_anonymous, clean_email)
+            clean_email = ""
+        other = None if is_anonymous else travelling_anonymous_id(anonymous_id)
+        return SourceRow(member_id, is_anonymous, clean_email or None, other)
     return "null_id"
+
+
+def travelling_anonymous_id(value: Any) -> str | None:
+    """The anonymous id that travels with a user id, or None when it could not be an id."""
+    if value is None:
+        return None
+    text_ = str(value)
+    if not text_.strip() or len(text_) > MAX_ID_LENGTH or "\x00" in text_:
+        return None
+    return text_
 
 
 _engines: dict[str, Engine] = {}

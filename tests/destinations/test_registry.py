@@ -27,13 +27,14 @@ ORTTO = {"type": "ortto", "api_key": "${ORTTO_KEY}", "endpoint": "http://127.0.0
 
 
 def test_every_type_maps_settings_to_a_client() -> None:
-    assert list(DESTINATION_TYPES) == ["file", "ortto", "ortto-api", "segment"]
+    assert list(DESTINATION_TYPES) == ["file", "ortto", "ortto-api", "ortto-audiences", "segment"]
     for kind in DESTINATION_TYPES.values():
         is_http = issubclass(kind.settings, HttpDestinationSettings)
         assert is_http == issubclass(kind.client, HttpDestinationClient)  # type: ignore[arg-type]
     assert DESTINATION_TYPES["file"].settings.secret_fields() == frozenset()
     assert DESTINATION_TYPES["ortto"].settings.secret_fields() == {"api_key"}
     assert DESTINATION_TYPES["segment"].settings.secret_fields() == {"write_key"}
+    assert DESTINATION_TYPES["ortto-audiences"].settings.secret_fields() == {"api_key"}
 
 
 @pytest.mark.parametrize(

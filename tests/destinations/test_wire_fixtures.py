@@ -9,6 +9,7 @@ The fields that legitimately vary, `messageId` and `timestamp`, are set determin
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,9 @@ from tests.destinations.common import FAST
 from worker.destinations.base import DestinationClient
 from worker.destinations.ortto import OrttoDestination, OrttoSettings
 from worker.destinations.ortto_api import OrttoApiDestination, OrttoApiSettings
+from worker.destinations.ortto_audiences import OrttoAudiencesDestination, OrttoAudiencesSettings
 from worker.destinations.segment import SegmentDestination, SegmentSettings
-from worker.payloads import AudienceRef, Change, identify_call
+from worker.payloads import AudienceRef, Change, SendAs, delivery_calls, identify_call
 from worker.ratelimit import LocalBadRequestGuard
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -148,3 +150,103 @@ def test_segment_batch_matches_the_spec_example(index: int) -> None:
     deliver_all(client, [calls([("u_123", False, "a@example.com", True)], [event["messageId"]])])
     [request] = recorder.requests
     assert_sent(request, expected)
+
+
+# (member id, is anonymous, email, value) -> the calls a `send_as: track` pair sends.
+def track_calls(members: Sequence[Member], message_ids: Sequence[str]) -> list[dict[str, Any]]:
+    """Track events as a run builds them, their message ids set to the fixture's."""
+    audience = replace(AUDIENCE, send_as=SendAs.TRACK)
+    built = []
+    for (member_id, is_anonymous, email, value), message_id in zip(
+        members, message_ids, strict=True
+    ):
+        change = Change(member_id, is_anonymous, email, value, previous_run_id=None)
+        [call] = delivery_calls(audience, 1, [change], now=NOW)
+        assert call["type"] == "track" and call["messageId"].startswith("audience-sync-")
+        built.append({**call, "messageId": message_id})
+    return built
+
+
+def test_ortto_track_matches_the_track_activity_shape() -> None:
+    [expected] = fixture("ortto_track.json")["requests"]
+    members: list[Member] = [
+        ("u_1", False, "alice@example.com", True),
+        ("anon_3", True, "carol@example.com", True),
+        ("u_2", False, None, False),
+        ("anon_4", True, None, False),
+    ]
+    recorder = Recorder({})
+    settings = OrttoSettings(api_key=SecretStr("pau-abcdef123456"), rate_limit="1000/s")
+    client = OrttoDestination("ortto", settings=settings, http=FAST, transport=recorder.transport)
+    deliver_all(client, [track_calls(members, [c["message_id"] for c in expected["body"]])])
+    [request] = recorder.requests
+    assert_sent(request, expected)
+
+
+def test_segment_track_matches_the_spec_example() -> None:
+    [expected] = fixture("segment_track.json")["requests"]
+    recorder = Recorder({"/v1/batch": {"success": True}})
+    settings = SegmentSettings(write_key=SecretStr("segment-write-key-0123"))
+    client = SegmentDestination(
+        "segment", settings=settings, http=FAST, transport=recorder.transport
+    )
+    members: list[Member] = [("u_123", False, "a@example.com", True), ("anon_4", True, None, False)]
+    message_ids = [event["messageId"] for event in expected["body"]["batch"]]
+    deliver_all(client, [track_calls(members, message_ids)])
+    [request] = recorder.requests
+    assert_sent(request, expected)
+
+
+def test_ortto_audiences_matches_segments_ortto_audiences() -> None:
+    recorded = fixture("ortto_audiences.json")
+    create, get, members = recorded["requests"]
+    recorder = Recorder(recorded["answers"])
+    settings = OrttoAudiencesSettings(api_key=SecretStr("pau-abcdef123456"), rate_limit="1000/s")
+    client = OrttoAudiencesDestination(
+        "ortto-audiences", settings=settings, http=FAST, transport=recorder.transport
+    )
+    try:
+        # The first run creates the audience under its name; the next checks it is there.
+        audience_id = client.prepare(AUDIENCE)
+        assert audience_id == "ortto_aud_123"
+        prepared = replace(AUDIENCE, field_id=audience_id)
+        assert client.prepare(prepared) == audience_id
+        membership: list[Member] = [
+            ("u_1", False, "alice@example.com", True),
+            ("u_2", False, None, False),
+            ("anon_3", True, "carol@example.com", True),
+            ("anon_4", True, None, False),
+        ]
+        sent = calls(membership, [m["message_id"] for m in members["body"]])
+        assert client.deliver(prepared, sent) == []
+    finally:
+        client.close()
+    assert len(recorder.requests) == 3
+    for request, expected in zip(recorder.requests, [create, get, members], strict=True):
+        assert_sent(request, expected)
+
+
+def test_a_member_with_both_ids_matches_segments_ortto_integrations() -> None:
+    identify, members = fixture("ortto_both_ids.json")["requests"]
+    [contact], [member] = identify["body"], members["body"]
+    change = Change("u_5", False, "eve@example.com", True, None, anonymous_id="anon_5")
+    settings = OrttoSettings(api_key=SecretStr("pau-abcdef123456"), rate_limit="1000/s")
+    recorder = Recorder({})
+    client = OrttoDestination("ortto", settings=settings, http=FAST, transport=recorder.transport)
+    call = identify_call(AUDIENCE, 1, change, now=NOW)
+    assert (call["userId"], call["anonymousId"]) == ("u_5", "anon_5")
+    deliver_all(client, [[{**call, "messageId": contact["message_id"]}]])
+    native = OrttoAudiencesDestination(
+        "ortto-audiences",
+        settings=OrttoAudiencesSettings(api_key=SecretStr("pau-abcdef123456"), rate_limit="1000/s"),
+        http=FAST,
+        transport=recorder.transport,
+    )
+    audience = replace(AUDIENCE, field_id="ortto_aud_123")
+    try:
+        assert native.deliver(audience, [{**call, "messageId": member["message_id"]}]) == []
+    finally:
+        native.close()
+    assert len(recorder.requests) == 2
+    assert_sent(recorder.requests[0], identify)
+    assert_sent(recorder.requests[1], members)

@@ -1,4 +1,5 @@
-"""The destination client interface: batches of identify calls in, per-item rejections out.
+"""The destination client interface: batches of calls (identify, track) in, per-item
+rejections out.
 
 (`models.Destination` is the stored destination; a `DestinationClient` talks to it.)
 """
@@ -39,7 +40,8 @@ class DestinationClient(ABC):
 
     @abstractmethod
     def deliver(self, audience: AudienceRef, calls: Sequence[dict[str, Any]]) -> list[Rejection]:
-        """Send Segment-spec identify calls; return the rejected ones."""
+        """Send Segment-spec calls (identify, and track where the type takes them); return
+        the rejected ones."""
 
     def check(self) -> str:
         """Check the credentials with the cheapest call; return a short description."""

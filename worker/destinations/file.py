@@ -1,4 +1,4 @@
-"""The `file` destination: appends identify calls as NDJSON (the demo's default)."""
+"""The `file` destination: appends the calls (identify, track) as NDJSON (the demo's default)."""
 
 import json
 import os

@@ -2,10 +2,13 @@
 
 A subclass brings only its wire format (where a batch goes, how one call is encoded and the
 bytes around the batch), how it signs requests, and how it reads its answers: the per-item
-errors of a 2xx, and the wait a 429 body asks for.
+errors of a 2xx, and the wait a 429 body asks for. A destination whose identify and track calls
+go to different endpoints says where each call goes (`batch_request_for`); the calls of one
+delivery are then sent endpoint by endpoint, each call's result kept at its own index.
 """
 
 from abc import abstractmethod
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Generic, TypeVar
@@ -36,6 +39,7 @@ class BatchRequest:
     path: str
     head: bytes
     tail: bytes
+    method: str = "POST"
 
 
 class HttpDestinationClient(DestinationClient, Generic[SettingsT]):
@@ -107,6 +111,14 @@ class HttpDestinationClient(DestinationClient, Generic[SettingsT]):
     def batch_request(self, audience: AudienceRef) -> BatchRequest:
         """Where the audience's calls are posted, and the bytes around them."""
 
+    def batch_request_for(self, audience: AudienceRef, call: dict[str, Any]) -> BatchRequest:
+        """Where one call goes; by default every call of the audience goes to one place."""
+        return self.batch_request(audience)
+
+    def prepared_audience(self, audience: AudienceRef) -> AudienceRef:
+        """The audience with its destination-side id, as `encode` needs it."""
+        return replace(audience, field_id=self.prepare(audience))
+
     @abstractmethod
     def encode(self, audience: AudienceRef, call: dict[str, Any]) -> bytes | str:
         """One call in the wire format, or the reason it cannot be sent."""
@@ -129,8 +141,20 @@ class HttpDestinationClient(DestinationClient, Generic[SettingsT]):
         return None
 
     def deliver(self, audience: AudienceRef, calls: Sequence[dict[str, Any]]) -> list[Rejection]:
-        audience = replace(audience, field_id=self.prepare(audience))
-        request = self.batch_request(audience)
+        audience = self.prepared_audience(audience)
+        groups: dict[BatchRequest, list[int]] = defaultdict(list)
+        for index, call in enumerate(calls):
+            groups[self.batch_request_for(audience, call)].append(index)
+        rejections: list[Rejection] = []
+        for request, positions in groups.items():
+            for rejection in self._send_group(audience, request, [calls[i] for i in positions]):
+                rejections.append(replace(rejection, index=positions[rejection.index]))
+        return sorted(rejections, key=lambda rejection: rejection.index)
+
+    def _send_group(
+        self, audience: AudienceRef, request: BatchRequest, calls: Sequence[dict[str, Any]]
+    ) -> list[Rejection]:
+        """Send calls that all go to `request`; their rejections, by index among `calls`."""
         overhead = len(request.head) + len(request.tail)
         unsendable, batches = encoded_batches(
             [self.encode(audience, call) for call in calls],
@@ -143,12 +167,12 @@ class HttpDestinationClient(DestinationClient, Generic[SettingsT]):
         rejections = [Rejection(index, None, reason) for index, reason in unsendable]
         for batch in batches:
             content = batch.join(request.head, request.tail)
-            result = self._http.send("POST", request.path, content=content)
+            result = self._http.send(request.method, request.path, content=content)
             if result.is_success:
                 rejections.extend(self.answer_rejections(result.body, batch.indexes))
             else:
                 rejections.extend(self.refusal_rejections(result, batch.indexes))
-        return sorted(rejections, key=lambda rejection: rejection.index)
+        return rejections
 
     def close(self) -> None:
         self._http.close()

@@ -4,6 +4,9 @@ Each Segment-spec identify call becomes one contact of a JSON array
 `POST {base}/identify` (at most 500 contacts and well under Ortto's 2 MB per request);
 Ortto answers `{"errors": [{"status", "message", "index"}]}` and every contact not listed
 was accepted. A 429 names its wait in the body: `{"error": {"try-in-seconds": N}}`.
+Track events (`send_as: track | both`) go the same way to `POST {base}/track`, each an
+activity of the same contact shape plus `event` and `properties` (Segment's Ortto "Track
+Activity" action: the email from the event's `context.traits`).
 
 Endpoint rule: without `endpoint`, the base is derived from the API key
 (`https://segment-action-api-{region}.ortto.app/v1`). A configured `endpoint` is the
@@ -26,6 +29,8 @@ from worker.ratelimit import RateLimit
 MAX_CONTACTS_PER_REQUEST = 500
 # Ortto refuses payloads over 2 MB; stay well under it.
 MAX_REQUEST_BYTES = 1_000_000
+_IDENTIFY = BatchRequest("/identify", b"[", b"]")
+_TRACK = BatchRequest("/track", b"[", b"]")
 
 
 class OrttoSettings(HttpDestinationSettings):
@@ -78,6 +83,22 @@ def ortto_contact(call: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in contact.items() if value is not None}
 
 
+def ortto_activity(call: dict[str, Any]) -> dict[str, Any]:
+    """One track event as an Ortto activity: the contact's ids, the event's name and
+    properties, the email (from `context.traits`) under `traits`."""
+    email = ((call.get("context") or {}).get("traits") or {}).get("email")
+    activity = {
+        "user_id": call.get("userId"),
+        "anonymous_id": call.get("anonymousId"),
+        "event": call.get("event"),
+        "properties": call.get("properties") or {},
+        "traits": {"email": email} if email else None,
+        "timestamp": call.get("timestamp"),
+        "message_id": call.get("messageId"),
+    }
+    return {key: value for key, value in activity.items() if value is not None}
+
+
 def identify_rejections(body: Any, sent: Sequence[int]) -> list[Rejection]:
     """Rejections from Ortto's `errors` list; `sent[i]` is the call index of array item `i`.
 
@@ -122,11 +143,16 @@ class OrttoDestination(HttpDestinationClient[OrttoSettings]):
         return SecretHeaderAuth(header="Authorization", secret=settings.api_key, scheme="bearer")
 
     def batch_request(self, audience: AudienceRef) -> BatchRequest:
-        return BatchRequest("/identify", b"[", b"]")
+        return _IDENTIFY
+
+    def batch_request_for(self, audience: AudienceRef, call: dict[str, Any]) -> BatchRequest:
+        return _TRACK if call.get("type") == "track" else _IDENTIFY
 
     def encode(self, audience: AudienceRef, call: dict[str, Any]) -> bytes | str:
         if not (call.get("userId") or call.get("anonymousId")):
             return NO_USER_ID
+        if call.get("type") == "track":
+            return encode_json(ortto_activity(call))
         return encode_json(ortto_contact(call))
 
     def check(self) -> str:

@@ -27,7 +27,7 @@ configured `merge_by` fields, overwriting (`merge_strategy` 2), asynchronously.
 
 from collections.abc import Sequence
 from functools import cached_property
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, SecretStr
 
@@ -67,6 +67,9 @@ MergeField = Literal["str::ei", "str::email"]
 
 class OrttoApiSettings(HttpDestinationSettings):
     """Ortto's public REST API (person merge with one boolean custom field per audience)."""
+
+    # Person merges only: this API has no track call here.
+    accepts_track: ClassVar[bool] = False
 
     api_key: SecretStr
     region: Literal["default", "au", "eu"] = "default"

@@ -17,6 +17,7 @@ from worker.destinations.file import FileDestination, FileSettings
 from worker.destinations.http import HttpOptions
 from worker.destinations.ortto import OrttoDestination, OrttoSettings
 from worker.destinations.ortto_api import OrttoApiDestination, OrttoApiSettings
+from worker.destinations.ortto_audiences import OrttoAudiencesDestination, OrttoAudiencesSettings
 from worker.destinations.segment import SegmentDestination, SegmentSettings
 from worker.destinations.settings import DestinationSettings, Loc, describe_error
 from worker.envrefs import has_env_ref, resolve_env
@@ -30,6 +31,7 @@ __all__ = [
     "HttpOptions",
     "build_client",
     "resolve_settings",
+    "settings_class",
 ]
 
 SettingsT = TypeVar("SettingsT", bound=DestinationSettings)
@@ -57,6 +59,7 @@ DESTINATION_TYPES: Mapping[str, DestinationType[Any]] = {
     "file": DestinationType(FileSettings, FileDestination),
     "ortto": DestinationType(OrttoSettings, OrttoDestination),
     "ortto-api": DestinationType(OrttoApiSettings, OrttoApiDestination),
+    "ortto-audiences": DestinationType(OrttoAudiencesSettings, OrttoAudiencesDestination),
     "segment": DestinationType(SegmentSettings, SegmentDestination),
 }
 _BY_SETTINGS = {kind.settings: kind for kind in DESTINATION_TYPES.values()}
@@ -105,6 +108,12 @@ def resolve_settings(
         loc, reason = describe_error(exc, hide_input=True)
         raise DestinationSettingsError(where, loc, reason) from None
     return settings
+
+
+def settings_class(kind: Any) -> type[DestinationSettings] | None:
+    """The settings class of a destination type by its name, None for an unknown type."""
+    entry = DESTINATION_TYPES.get(kind) if isinstance(kind, str) else None
+    return entry.settings if entry is not None else None
 
 
 def build_client(

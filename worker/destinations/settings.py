@@ -4,7 +4,7 @@ Each type's settings class lives with its client (see `registry` for the mapping
 resolved and validated once, by `registry.resolve_settings`, and passed down typed.
 """
 
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, PlainValidator, SecretStr, ValidationError
 from pydantic_core import PydanticCustomError
@@ -36,6 +36,11 @@ class DestinationSettings(BaseModel):
     credentials: the file must write them as `${VAR}`, and they are never stored resolved."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Whether the type takes track events (`send_as: track | both`); refused at `apply` if not.
+    accepts_track: ClassVar[bool] = True
+    # Whether the type keeps native audiences (and so takes `ortto_audience_name:` per pair).
+    keeps_native_audiences: ClassVar[bool] = False
 
     @classmethod
     def secret_fields(cls) -> frozenset[str]:

@@ -1,6 +1,6 @@
 """Queries on sources, destinations, audiences and their pairs (including the run lock)."""
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -214,6 +214,18 @@ def set_destinations(session: Session, audience: Audience, destination_ids: set[
         )
     for destination_id, link in links.items():
         link.is_enabled = destination_id in destination_ids
+
+
+def set_pair_outputs(
+    session: Session, audience_id: int, outputs: Mapping[int, tuple[str, str | None]]
+) -> None:
+    """Per destination id of the audience: (send_as, ortto_audience_name) of its pair."""
+    session.flush()  # pairs set_destinations just added
+    for pair in session.scalars(
+        select(AudienceDestination).where(AudienceDestination.audience_id == audience_id)
+    ):
+        if pair.destination_id in outputs:
+            pair.send_as, pair.ortto_audience_name = outputs[pair.destination_id]
 
 
 def archive_audience(session: Session, audience: Audience, *, now: datetime) -> bool:

@@ -26,6 +26,7 @@ _CHANGE_COLUMNS = [
     "value",
     "previous_run_id",
     "is_in_flight",
+    "anonymous_id",
 ]
 
 
@@ -85,6 +86,7 @@ def _change_selects(scope: PairScope, run_id: int, *, has_failing: bool = True) 
         true(),
         previous_run,
         false(),
+        snapshot.anonymous_id,
     ).where(not_quarantined_member)
     synced_columns = (
         run,
@@ -94,6 +96,7 @@ def _change_selects(scope: PairScope, run_id: int, *, has_failing: bool = True) 
         false(),
         SyncedMember.run_id,
         false(),
+        SyncedMember.anonymous_id,
     )
     leave = select(*synced_columns).where(
         _pair(scope, SyncedMember),
@@ -124,6 +127,7 @@ def _change_selects(scope: PairScope, run_id: int, *, has_failing: bool = True) 
             true(),
             SyncedMember.run_id,
             false(),
+            snapshot.anonymous_id,
         )
         .join(
             SyncedMember,
@@ -168,13 +172,14 @@ def page_of_changes(
         RunChange.email,
         RunChange.value,
         RunChange.previous_run_id,
+        RunChange.anonymous_id,
     ).where(RunChange.run_id == run_id)
     if after is not None:
         query = query.where(RunChange.member_id > after)
     if upto is not None:
         query = query.where(RunChange.member_id <= upto)
     rows = session.execute(query.order_by(RunChange.member_id).limit(limit)).all()
-    return [Change(r[0], bool(r[1]), r[2], bool(r[3]), r[4]) for r in rows]
+    return [Change(r[0], bool(r[1]), r[2], bool(r[3]), r[4], anonymous_id=r[5]) for r in rows]
 
 
 def _in_range(run_id: int, first: str | None, last: str | None) -> list[Any]:

@@ -69,13 +69,15 @@ def staging_name(snapshot_id: int) -> str:
 
 
 def staged(snapshot_id: int) -> Table:
-    """The staging table of a snapshot, as a selectable: member_id, is_anonymous, email."""
+    """The staging table of a snapshot, as a selectable: member_id, is_anonymous, email, and
+    the anonymous_id that travels with a user id."""
     return Table(
         staging_name(snapshot_id),
         MetaData(),
         Column("member_id", String(MAX_ID_LENGTH), primary_key=True),
         Column("is_anonymous", Boolean),
         Column("email", String(MAX_EMAIL_LENGTH)),
+        Column("anonymous_id", String(MAX_ID_LENGTH)),
     )
 
 
@@ -85,7 +87,7 @@ def _create_staging(session: Session, snapshot_id: int) -> None:
         text(
             f"CREATE {unlogged}TABLE {staging_name(snapshot_id)} "
             f"(member_id varchar({MAX_ID_LENGTH}) PRIMARY KEY, is_anonymous boolean NOT NULL, "
-            f"email varchar({MAX_EMAIL_LENGTH}))"
+            f"email varchar({MAX_EMAIL_LENGTH}), anonymous_id varchar({MAX_ID_LENGTH}))"
         )
     )
 
@@ -120,7 +122,12 @@ def add_members(session: Session, snapshot_id: int, rows: Sequence[SourceRow]) -
     session.execute(
         statement,
         [
-            {"member_id": row.member_id, "is_anonymous": row.is_anonymous, "email": row.email}
+            {
+                "member_id": row.member_id,
+                "is_anonymous": row.is_anonymous,
+                "email": row.email,
+                "anonymous_id": row.anonymous_id,
+            }
             for row in rows
         ],
     )
@@ -132,14 +139,16 @@ def _copy_members(session: Session, name: str, rows: Sequence[SourceRow]) -> Non
         # Lives until the snapshot's transaction ends; duplicates are dropped on the way in.
         cursor.execute(
             "CREATE TEMP TABLE IF NOT EXISTS snapshot_stage "
-            "(member_id text, is_anonymous boolean, email text) ON COMMIT DROP"
+            "(member_id text, is_anonymous boolean, email text, anonymous_id text) ON COMMIT DROP"
         )
-        with cursor.copy("COPY snapshot_stage (member_id, is_anonymous, email) FROM STDIN") as copy:
+        with cursor.copy(
+            "COPY snapshot_stage (member_id, is_anonymous, email, anonymous_id) FROM STDIN"
+        ) as copy:
             for row in rows:
-                copy.write_row((row.member_id, row.is_anonymous, row.email))
+                copy.write_row((row.member_id, row.is_anonymous, row.email, row.anonymous_id))
         cursor.execute(
-            f"INSERT INTO {name} (member_id, is_anonymous, email) "
-            "SELECT member_id, is_anonymous, email FROM snapshot_stage "
+            f"INSERT INTO {name} (member_id, is_anonymous, email, anonymous_id) "
+            "SELECT member_id, is_anonymous, email, anonymous_id FROM snapshot_stage "
             "ON CONFLICT DO NOTHING"
         )
         cursor.execute("TRUNCATE snapshot_stage")
@@ -194,7 +203,7 @@ class CopyLoad:
             "count(*) FILTER (WHERE reason IS NULL), "
             "count(DISTINCT member_id) FILTER (WHERE reason IS NULL), "
             "count(*) FILTER (WHERE reason IS NOT NULL OR is_anonymous "
-            "OR email IS DISTINCT FROM raw_email) "
+            "OR email IS DISTINCT FROM raw_email OR anonymous_id IS NOT NULL) "
             f"FROM ({rules}) AS r",
             {"ws": WHITESPACE},
         )
@@ -204,7 +213,9 @@ class CopyLoad:
             # staging table by renames, which touch no row.
             cursor.execute(f"ALTER TABLE {raw} RENAME TO {name}")
             cursor.execute(f"ALTER TABLE {name} RENAME COLUMN user_id TO member_id")
+            # No row has an anonymous id travelling with its user id (see `changed`).
             cursor.execute(f"ALTER TABLE {name} DROP COLUMN anonymous_id")
+            cursor.execute(f"ALTER TABLE {name} ADD COLUMN anonymous_id varchar({MAX_ID_LENGTH})")
             cursor.execute(
                 f"ALTER TABLE {name} ADD COLUMN is_anonymous boolean NOT NULL DEFAULT false"
             )
@@ -216,7 +227,8 @@ class CopyLoad:
             cursor.execute(
                 f"CREATE UNLOGGED TABLE {name} AS SELECT {distinct}"
                 f"member_id::varchar({MAX_ID_LENGTH}) AS member_id, is_anonymous, "
-                f"email::varchar({MAX_EMAIL_LENGTH}) AS email "
+                f"email::varchar({MAX_EMAIL_LENGTH}) AS email, "
+                f"anonymous_id::varchar({MAX_ID_LENGTH}) AS anonymous_id "
                 f"FROM ({rules}) AS r WHERE reason IS NULL{order}",
                 {"ws": WHITESPACE},
             )
@@ -261,13 +273,17 @@ def _clean_select(raw: str) -> str:
     user_ok, anon_ok = _has_id("user_id"), _has_id("anonymous_id")
     email = f"CASE WHEN {_padded('email')} THEN btrim(email, %(ws)s) ELSE email END"
     return (
-        f"SELECT member_id, is_anonymous, ord, raw_email, {_padded('member_id')} AS padded, "
+        "SELECT member_id, is_anonymous, anonymous_id, ord, raw_email, "
+        f"{_padded('member_id')} AS padded, "
         "CASE WHEN member_id IS NULL THEN 'null_id' "
         f"WHEN char_length(member_id) > {MAX_ID_LENGTH} THEN 'id_too_long' END AS reason, "
         f"CASE WHEN char_length(e) BETWEEN 1 AND {MAX_EMAIL_LENGTH} THEN e END AS email "
         "FROM (SELECT ctid AS ord, email AS raw_email, "
         f"CASE WHEN {user_ok} THEN user_id WHEN {anon_ok} THEN anonymous_id END AS member_id, "
-        f"NOT {user_ok} AS is_anonymous, {email} AS e FROM {raw} "
+        f"NOT {user_ok} AS is_anonymous, {email} AS e, "
+        # The anonymous id travelling with a user id, kept when it could be an id.
+        f"CASE WHEN {user_ok} AND {anon_ok} AND char_length(anonymous_id) <= {MAX_ID_LENGTH} "
+        f"THEN anonymous_id END AS anonymous_id FROM {raw} "
         # OFFSET 0 keeps the subquery from being flattened: each row's id is worked out
         # once, not again in every expression that uses it (three times faster).
         "OFFSET 0) AS c"

@@ -12,18 +12,19 @@ from worker.payloads import Change
 from worker.repositories.dialect import insert_for, is_postgresql
 
 _KEY = ["audience_id", "destination_id", "member_id"]
-_COLUMNS = [*_KEY, "is_anonymous", "is_member", "email", "run_id"]
+_COLUMNS = [*_KEY, "is_anonymous", "is_member", "email", "run_id", "anonymous_id"]
 
 # One statement for a whole page on PostgreSQL: arrays in, unnest, upsert.
 _UPSERT_PAGE = text(
     "INSERT INTO synced_members (audience_id, destination_id, member_id, "
-    "is_anonymous, is_member, email, run_id) "
-    "SELECT :audience_id, :destination_id, m, a, v, e, :run_id "
+    "is_anonymous, is_member, email, run_id, anonymous_id) "
+    "SELECT :audience_id, :destination_id, m, a, v, e, :run_id, o "
     "FROM unnest(CAST(:ids AS text[]), CAST(:anons AS boolean[]), "
-    "CAST(:values AS boolean[]), CAST(:emails AS text[])) AS t(m, a, v, e) "
+    "CAST(:values AS boolean[]), CAST(:emails AS text[]), CAST(:others AS text[])) "
+    "AS t(m, a, v, e, o) "
     "ON CONFLICT (audience_id, destination_id, member_id) DO UPDATE SET "
     "is_member = excluded.is_member, is_anonymous = excluded.is_anonymous, "
-    "email = excluded.email, run_id = excluded.run_id"
+    "email = excluded.email, run_id = excluded.run_id, anonymous_id = excluded.anonymous_id"
 )
 
 
@@ -50,6 +51,7 @@ def record_accepted(
                 "anons": [c.is_anonymous for c in changes],
                 "values": [c.value for c in changes],
                 "emails": [c.email for c in changes],
+                "others": [c.anonymous_id for c in changes],
             },
         )
         return
@@ -58,7 +60,7 @@ def record_accepted(
         index_elements=_KEY,
         set_={
             name: getattr(statement.excluded, name)
-            for name in ("is_member", "is_anonymous", "email", "run_id")
+            for name in ("is_member", "is_anonymous", "email", "run_id", "anonymous_id")
         },
     )
     session.execute(
@@ -71,6 +73,7 @@ def record_accepted(
                 "is_anonymous": change.is_anonymous,
                 "is_member": change.value,
                 "email": change.email,
+                "anonymous_id": change.anonymous_id,
                 "run_id": run_id,
             }
             for change in changes
@@ -96,6 +99,7 @@ def add_unrecorded_entrants(
                 false(),
                 RunChange.email,
                 literal(None),
+                RunChange.anonymous_id,
             ).where(
                 and_(RunChange.run_id == run_id, RunChange.is_in_flight.is_(True)),
                 RunChange.value.is_(True),
