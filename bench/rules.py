@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -31,9 +30,9 @@ from typing import Any
 
 import yaml
 from sqlalchemy import Engine, Select, column, create_engine, func, select, text
-from sqlalchemy.engine import make_url
 
 from worker.rules import compile_audience, parse_layout_spec, parse_rules, reflect_layout
+from worker.testing.databases import scratch_database
 
 RESULTS = Path(__file__).resolve().parent / "rules_results.json"
 ADMIN_URL = os.environ.get(
@@ -187,21 +186,12 @@ INDEXES = [
 @contextmanager
 def _warehouse(admin_url: str) -> Iterator[Engine]:
     """A fresh database next to the admin connection's, dropped afterwards."""
-    name = f"audience_sync_bench_rules_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f'create database "{name}"'))
-        url = make_url(admin_url).set(database=name)
+    with scratch_database(admin_url, prefix="audience_sync_bench_rules") as url:
         engine = create_engine(url, isolation_level="AUTOCOMMIT")
         try:
             yield engine
         finally:
             engine.dispose()
-            with admin.connect() as connection:
-                connection.execute(text(f'drop database if exists "{name}" with (force)'))
-    finally:
-        admin.dispose()
 
 
 def _generate(engine: Engine, users: int, events: int) -> dict[str, float]:

@@ -4,7 +4,6 @@ local RabbitMQ (AUDIENCE_SYNC_TEST_RABBITMQ_URL) and fails, never skips, without
 
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,26 +11,29 @@ from kombu import Connection
 from sqlalchemy import select
 
 from models import SyncRun
+from tests import worker_fixtures
+from tests.worker_fixtures import ORTTO_KEY_VAR
 from worker.celery import VISIBILITY_TIMEOUT_SECONDS, celery_config
-from worker.runtime import Runtime, build_runtime
+from worker.runtime import Runtime
 from worker.settings import Settings
 from worker.tasks import RATE_LIMIT_KEY
 from worker.testing.celery_worker import CELERY_REDIS_URL, celery_worker, wait_for
 from worker.testing.databases import (
     ShopSource,
-    postgres_database,
     redis_client,
-    source_database,
     state_database,
 )
 from worker.testing.factories import apply_file, audience, write_config
 from worker.testing.fake_destinations import DEFAULT_ORTTO_KEY, FakeDestinations
 from worker.testing.guarantees import cli_env, run_cli
 
+# PostgreSQL state and source databases, whatever the backend parameter says (they
+# override the conftest fixtures of these names).
+state_url, shop, runtime = worker_fixtures.state_url, worker_fixtures.shop, worker_fixtures.runtime
+
 RABBITMQ_URL = os.environ.get(
     "AUDIENCE_SYNC_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//"
 )
-ORTTO_KEY_VAR = "TEST_ORTTO_KEY"
 
 
 def test_the_broker_defaults_to_redis() -> None:
@@ -88,28 +90,6 @@ def check_rabbitmq() -> None:
         connection.release()
 
 
-@pytest.fixture
-def state_url() -> Iterator[str]:
-    with postgres_database() as url:
-        yield url
-
-
-@pytest.fixture
-def shop(tmp_path: Path) -> Iterator[ShopSource]:
-    with source_database("postgresql", tmp_path) as source:
-        yield source
-
-
-@pytest.fixture
-def runtime(state_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Runtime]:
-    monkeypatch.setenv(ORTTO_KEY_VAR, DEFAULT_ORTTO_KEY)
-    rt = build_runtime(Settings(database_url=state_url))
-    try:
-        yield rt
-    finally:
-        rt.close()
-
-
 @pytest.mark.rabbitmq
 @pytest.mark.redis
 @pytest.mark.postgres
@@ -133,7 +113,7 @@ def test_a_worker_on_rabbitmq_syncs_with_its_rate_buckets_in_redis(
     )
     apply_file(runtime, config)
     (pair,) = runtime.service.select_pairs()
-    bucket = RATE_LIMIT_KEY.format(name="rabbit_ortto")
+    bucket = RATE_LIMIT_KEY.format(bucket="destination:rabbit_ortto")
     redis = redis_client(CELERY_REDIS_URL)
     redis.delete(bucket)
     try:

@@ -163,10 +163,10 @@ def test_limiters_of_one_destination_share_one_bucket(redis_client: redis.Redis)
         assert time.monotonic() - started < 0.1  # another destination is not paused
         second.acquire()
         assert time.monotonic() - started >= 0.45  # the same destination is
-        assert redis_client.exists(RATE_LIMIT_KEY.format(name=name))
+        assert redis_client.exists(RATE_LIMIT_KEY.format(bucket=name))
     finally:
         redis_client.delete(
-            RATE_LIMIT_KEY.format(name=name), RATE_LIMIT_KEY.format(name=f"{name}_other")
+            RATE_LIMIT_KEY.format(bucket=name), RATE_LIMIT_KEY.format(bucket=f"{name}_other")
         )
 
 

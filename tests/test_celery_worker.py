@@ -11,21 +11,22 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from models import Audience, AudienceDestination, Destination, SyncRun
+from tests import worker_fixtures
+from tests.worker_fixtures import ORTTO_KEY_VAR
+from worker.db import make_engine
 from worker.domain import ChunkRange, FanOut, PreparedRun, SyncRequest
-from worker.runtime import Runtime, build_runtime
-from worker.settings import Settings
+from worker.runtime import Runtime
 from worker.tasks import ABANDONED, fan_out_chord
 from worker.testing.celery_worker import ROOT, CeleryWorker, celery_beat, celery_worker, wait_for
-from worker.testing.databases import ShopSource, postgres_database, source_database
+from worker.testing.databases import ShopSource, postgres_database
 from worker.testing.factories import apply_file, audience, read_calls, write_config
 from worker.testing.fake_destinations import (
     DEFAULT_ORTTO_KEY,
@@ -33,33 +34,13 @@ from worker.testing.fake_destinations import (
     max_requests_in_window,
 )
 
+# PostgreSQL state and source databases, whatever the backend parameter says (they
+# override the conftest fixtures of these names).
+state_url, shop, runtime = worker_fixtures.state_url, worker_fixtures.shop, worker_fixtures.runtime
+
 pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
 
-ORTTO_KEY_VAR = "TEST_ORTTO_KEY"
 FINAL = ("succeeded", "partial", "failed", "skipped", "blocked")
-
-
-@pytest.fixture
-def state_url() -> Iterator[str]:
-    with postgres_database() as url:
-        yield url
-
-
-@pytest.fixture
-def shop(tmp_path: Path) -> Iterator[ShopSource]:
-    with source_database("postgresql", tmp_path) as source:
-        yield source
-
-
-@pytest.fixture
-def runtime(state_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Runtime]:
-    """The test's own view of the state database (apply, in-process syncs, reading runs)."""
-    monkeypatch.setenv(ORTTO_KEY_VAR, DEFAULT_ORTTO_KEY)
-    rt = build_runtime(Settings(database_url=state_url))
-    try:
-        yield rt
-    finally:
-        rt.close()
 
 
 def _worker(
@@ -519,3 +500,33 @@ def test_a_crashing_chunk_fails_the_run_through_the_chord_error_callback(
     assert (run.status, run.error, run.sent) == ("failed", ABANDONED, 0)
     assert _lock_is_free(runtime)
     assert len(lines) == 1
+
+
+@pytest.mark.parametrize("revision", [None, "9999_from_the_future"])
+def test_a_worker_refuses_an_unusable_state_database_at_start(
+    tmp_path: Path, revision: str | None
+) -> None:
+    # Checked once, before the pool starts: one ERROR line and a failed exit, not a worker
+    # that takes tasks only to fail each of them on the schema.
+    with postgres_database(migrated=revision is not None) as url:
+        if revision is not None:
+            engine = make_engine(url)
+            with engine.begin() as connection:
+                connection.execute(
+                    text("update alembic_version set version_num = :v"), {"v": revision}
+                )
+            engine.dispose()
+        worker = CeleryWorker(database_url=url, log_path=tmp_path / "worker.log")
+        try:
+            with pytest.raises(AssertionError, match="the worker exited at start"):
+                worker.start()
+            assert worker.process is not None
+            assert worker.process.wait(timeout=10) != 0
+        finally:
+            worker.stop()
+    errors = [line for line in worker.log().splitlines() if "ERROR" in line]
+    expected = "is not initialised" if revision is None else "newer than this version"
+    assert len(errors) == 1, worker.log()
+    assert "the worker does not start: state database at " in errors[0]
+    assert expected in errors[0]
+    assert "Traceback" not in worker.log()

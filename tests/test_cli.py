@@ -174,6 +174,7 @@ def test_runs_show(state: str, shop: ShopSource, tmp_path: Path) -> None:
     assert fields["skipped_rows"] == "none"
     as_json = json.loads(invoke("runs", "show", "1", "--json").stdout)
     assert (as_json["id"], as_json["failures"]) == (1, [])
+    assert (as_json["failures_total"], as_json["failures_truncated"]) == (0, False)
 
 
 def test_failures_and_archive(state: str, shop: ShopSource, tmp_path: Path) -> None:
@@ -336,3 +337,23 @@ def test_a_directory_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
     assert result.exit_code == 2
     [line] = error_lines(result)
     assert line.startswith("error: ") and "not-a-directory" in line, line
+
+
+def test_names_with_brackets_print_as_they_are(
+    state: str, shop: ShopSource, tmp_path: Path
+) -> None:
+    # An audience name is the user's text, never rich markup: `[red]` is not a colour and
+    # `[/x]` does not close a tag (rich would raise MarkupError on it).
+    names = {"Users [beta] [red]x": "beta_users", "Churned [/x]": "churned"}
+    config = write_config(
+        tmp_path,
+        source_url=shop.url,
+        audiences=[audience(name, "a", key=key) for name, key in names.items()],
+    )
+    assert invoke("apply", str(config)).exit_code == 0
+    listed = invoke("audiences", "list")
+    assert listed.exit_code == 0, listed.output
+    assert [row[:2] for row in _table_rows(listed.stdout, 6)] == [
+        ["beta_users", "Users [beta] [red]x"],
+        ["churned", "Churned [/x]"],
+    ]

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from worker import cli, db
@@ -88,6 +89,34 @@ def test_a_database_at_an_older_revision_is_refused_then_upgraded(
     assert upgraded.exit_code == 0, upgraded.output
     assert upgraded.stdout.strip().endswith(f": upgraded from revision 0001 to {head}")
     assert invoke("status").exit_code == 0
+
+
+def _stamp_newer_revision(url: str, revision: str) -> None:
+    """The database as a newer version of audience-sync leaves it: at a revision this
+    version's migrations do not know."""
+    db.upgrade(url)
+    engine = db.make_engine(url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("update alembic_version set version_num = :v"), {"v": revision})
+    finally:
+        engine.dispose()
+
+
+def test_a_database_at_a_newer_revision_says_this_version_is_older(
+    empty_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not `db upgrade`: there is nothing this version could upgrade it to.
+    point_cli_at(monkeypatch, empty_database)
+    _stamp_newer_revision(empty_database, "9999_from_the_future")
+    head = db.head_revision()
+    line = _one_error("status")
+    assert line.endswith(
+        f"is at revision 9999_from_the_future, newer than this version of audience-sync "
+        f"knows (its newest is {head}): this audience-sync is older than the database; run "
+        "the version that upgraded it"
+    )
+    assert "db upgrade" not in line
 
 
 def test_db_upgrade_says_what_it_did(empty_database: str, monkeypatch: pytest.MonkeyPatch) -> None:

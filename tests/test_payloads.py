@@ -15,6 +15,11 @@ from worker.payloads import (
 )
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+# Pinned literals, never computed by the functions under test: Segment drops a call whose
+# messageId it has seen, so a formula that changed across an upgrade would make a retry look
+# new (sent twice) or a new change look like an old one (dropped).
+PINNED_MESSAGE_ID = "audience-sync-f21bdcd7be43df75fa2290819c05d13a7986e6f8"
+PINNED_COMPUTATION_ID = "aud_ad99416c327ccea4e71dbb64"  # order_completed_last_30days
 AUDIENCE = AudienceRef(id=42, key="order_completed_last_30days", name="Order Completed Last 30days")
 
 
@@ -30,12 +35,12 @@ def test_identify_call_matches_segment_spec() -> None:
             "personas": {
                 "computation_class": "audience",
                 "computation_key": "order_completed_last_30days",
-                "computation_id": computation_id("order_completed_last_30days"),
+                "computation_id": PINNED_COMPUTATION_ID,
                 "namespace": "audience-sync",
                 "space_id": "audience-sync",
             }
         },
-        "messageId": message_id(42, 7, change),
+        "messageId": PINNED_MESSAGE_ID,
         "timestamp": "2026-11-28T12:00:00.000Z",
     }
 
@@ -48,7 +53,7 @@ def test_space_id_fills_space_id_and_namespace() -> None:
     assert personas == {
         "computation_class": "audience",
         "computation_key": "vips",
-        "computation_id": computation_id("vips"),
+        "computation_id": "aud_708c1ef6daa755c233e43b3b",
         "namespace": "spa_o1E9shop",
         "space_id": "spa_o1E9shop",
     }
@@ -118,3 +123,8 @@ def test_message_id_is_deterministic_per_change(a: Change, b: Change, same: bool
 def test_message_id_differs_per_audience_and_destination() -> None:
     change = Change("u", False, None, True, None)
     assert len({message_id(1, 1, change), message_id(2, 1, change), message_id(1, 2, change)}) == 3
+
+
+def test_message_id_is_pinned() -> None:
+    change = Change("u_123", False, "a@example.com", True, None)
+    assert message_id(42, 7, change) == PINNED_MESSAGE_ID

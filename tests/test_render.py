@@ -178,7 +178,7 @@ def test_tables_fold_long_cells_instead_of_cutting_them() -> None:
 
 def test_run_detail_json_and_text() -> None:
     failure = RunFailure(user="u1", value=False, status=None, message="timed [out]")
-    detail = RunDetail(RECORD, (failure,))
+    detail = RunDetail(RECORD, (failure,), 1)
     assert render.run_detail_json(detail)["failures"] == [
         {"user": "u1", "value": False, "status": None, "message": "timed [out]"}
     ]
@@ -191,7 +191,9 @@ def test_run_detail_json_and_text() -> None:
     assert "per-user failures" in text
     assert ["u1", "false", "", "timed [out]"] in _rows(render.run_detail(detail)[-1])
 
-    plain = _text(*render.run_detail(RunDetail(replace(RECORD, skipped_rows={}, error=None), ())))
+    plain = _text(
+        *render.run_detail(RunDetail(replace(RECORD, skipped_rows={}, error=None), (), 0))
+    )
     assert "skipped_rows: none" in plain and "error: None" in plain
     assert "per-user failures" not in plain
 
@@ -248,3 +250,41 @@ def test_apply_lines_name_only_what_happened() -> None:
 )
 def test_check_line(is_ok: bool, message: str, line: str) -> None:
     assert render.check_line("ortto", is_ok, message) == line
+
+
+MARKUP_LOOKALIKES = ("Users [beta] [red]x", "[/x]", "[bold]u1[/bold]", "\\[esc]")
+
+
+@pytest.mark.parametrize("text", MARKUP_LOOKALIKES)
+def test_data_cells_are_never_markup(text: str) -> None:
+    # Every user-controlled cell (names, keys, user ids, messages) prints as it is.
+    listing = AudienceListing(text, text, text, text, (text,), False)
+    assert _rows(render.audiences_table([listing])) == [[text, text, text, text, text, ""]]
+    user = FailingUser(text, text, text, True, 1, False, None, text, 3)
+    assert _rows(render.failing_users_table([user])) == [
+        [text, text, text, "true", "1", "", "", text, "3"]
+    ]
+    failure = RunFailure(user=text, value=True, status=400, message=text)
+    detail = RunDetail(replace(RECORD, audience=text, destination=text), (failure,), 1)
+    assert _rows(render.run_detail(detail)[-1]) == [[text, "true", "400", text]]
+    assert f"audience: {text}" in _text(*render.run_detail(detail))
+    summary = replace(SUMMARY, audience_key=text, destination=text, error=text)
+    assert _rows(render.summaries_table([summary]))[0][1:3] == [text, text]
+    assert _rows(render.summaries_table([summary]))[0][-1] == text
+    [row] = _rows(render.history_table([replace(RECORD, audience=text, error=text)]))
+    assert (row[1], row[-1]) == (text, text)
+    status = PairStatus(1, text, text, text, None, None, None, None, False)
+    assert _rows(render.status_table([status]))[0][:3] == [text, text, text]
+
+
+def test_run_detail_says_when_failures_are_cut() -> None:
+    shown = tuple(RunFailure(f"u{i}", True, 400, "invalid") for i in range(3))
+    cut = RunDetail(RECORD, shown, 2500)
+    as_json = render.run_detail_json(cut)
+    assert (len(as_json["failures"]), as_json["failures_total"]) == (3, 2500)
+    assert as_json["failures_truncated"] is True
+    assert "per-user failures (showing 3 of 2500)" in _text(*render.run_detail(cut))
+    whole = RunDetail(RECORD, shown, 3)
+    assert render.run_detail_json(whole)["failures_truncated"] is False
+    text = _text(*render.run_detail(whole))
+    assert "per-user failures" in text and "showing" not in text

@@ -101,6 +101,11 @@ def test_one_run_with_its_failures_and_failing_users(
         RunFailure("u1", True, 400, "invalid contact"),
         RunFailure("u3", True, 400, "invalid contact"),
     )
+    assert (detail.failures_total, detail.failures_truncated) == (2, False)
+    # Beyond the limit, the first failures and the count of them all.
+    cut = reports.run(summary.run_id, failures_limit=1)
+    assert cut.failures == (RunFailure("u1", True, 400, "invalid contact"),)
+    assert (cut.failures_total, cut.failures_truncated) == (2, True)
 
     assert reports.failing_users() == []  # rejected once: not quarantined yet
     failing = reports.failing_users(only_quarantined=False)

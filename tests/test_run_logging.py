@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.domain import RunStatus, SyncRequest
+from worker.domain import RunStatus, RunSummary, SyncRequest, summary_fields
 from worker.runtime import Runtime
 from worker.testing.databases import ShopSource
 from worker.testing.fake_destinations import FakeDestinations
@@ -66,3 +66,12 @@ def test_each_outcome_logs_at_its_level(
     fake.add_fault("server_error", count=100)  # down for longer than every attempt
     status, closing = _sync_and_read_log(runtime, caplog)
     assert (status, closing.levelno) == (RunStatus.FAILED, logging.ERROR)
+
+
+def test_the_closing_line_carries_every_summary_field_as_documented() -> None:
+    summary = RunSummary(7, "vips", "local", "incremental", "partial", 10, 3, 1, 4, 2, "x", 1.5)
+    assert summary_fields(summary) == {
+        "run_id": 7, "audience": "vips", "destination": "local", "mode": "incremental",
+        "status": "partial", "members": 10, "entered": 3, "exited": 1, "sent": 4, "failed": 2,
+        "error": "x", "duration_seconds": 1.5,
+    }  # fmt: skip

@@ -17,6 +17,7 @@ Module map (one line each; the service's parts run top to bottom of a run):
     pool           destination clients, built once per process and reused
     db             state database engines, sessions, units of work, migrations
     domain         the vocabulary: RunStatus, RunMode, Trigger and the service's values
+    errors         the exception tree: configuration, source and destination errors
     context        what the service's parts share (sessions, settings, clock, env, hooks)
     crashpoints    the crash-point hook: a no-op, or the guarantee tests' kill switch
     locking        the pair's run lock, its heartbeat, lock-or-skip; where a run runs, stops

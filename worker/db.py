@@ -11,6 +11,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError as AlembicCommandError
 from sqlalchemy import Engine, create_engine, event, pool
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
@@ -29,7 +30,7 @@ CHECK_CONNECT_TIMEOUT_SECONDS = 5
 
 class StateDatabaseError(ConfigError):
     """The state database cannot be used as it is: unreachable, without the schema, or at
-    an older revision. The message names it with its password hidden."""
+    another revision than this version's. The message names it with its password hidden."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,18 +176,36 @@ def current_revision(url: str) -> str | None:
         engine.dispose()
 
 
+def is_known_revision(revision: str) -> bool:
+    """Whether this version's migrations know `revision`: a database at a revision they do
+    not know was migrated by a newer version of audience-sync."""
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    try:
+        return script.get_revision(revision) is not None
+    except AlembicCommandError:  # alembic turns "no such revision" into this
+        return False
+
+
 def check_schema(url: str) -> None:
     """Refuse, in one line, a state database a command cannot use: unreachable, without the
-    schema, or at an older revision than this version needs."""
+    schema, at an older revision than this version needs, or at a newer one (migrated by a
+    newer version of audience-sync, which this older one must not write to)."""
     revision = current_revision(url)
     if revision is None:
         raise _not_initialised(url)
     head = head_revision()
-    if revision != head:
+    if revision == head:
+        return
+    if not is_known_revision(revision):
         raise StateDatabaseError(
-            f"state database at {safe_url(url)} is at revision {revision}, "
-            f"this version needs {head}: run `audience-sync db upgrade`"
+            f"state database at {safe_url(url)} is at revision {revision}, newer than this "
+            f"version of audience-sync knows (its newest is {head}): this audience-sync is "
+            "older than the database; run the version that upgraded it"
         )
+    raise StateDatabaseError(
+        f"state database at {safe_url(url)} is at revision {revision}, "
+        f"this version needs {head}: run `audience-sync db upgrade`"
+    )
 
 
 def upgrade(url: str, revision: str = "head") -> UpgradeOutcome:

@@ -1,6 +1,7 @@
 """The sync vocabulary: run statuses, modes and triggers, and the plain values the service
 hands to its callers (the CLI, the Celery tasks) and between its own steps."""
 
+import dataclasses
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -87,20 +88,11 @@ class RunSummary:
 
 
 def summary_fields(summary: RunSummary) -> dict[str, object]:
-    return {
-        "run_id": summary.run_id,
-        "audience": summary.audience_key,
-        "destination": summary.destination,
-        "mode": summary.mode,
-        "status": summary.status,
-        "members": summary.members,
-        "entered": summary.entered,
-        "exited": summary.exited,
-        "sent": summary.sent,
-        "failed": summary.failed,
-        "error": summary.error,
-        "duration_seconds": summary.duration_seconds,
-    }
+    """The summary as the `sync finished` log line and the task results carry it: every
+    field, the audience key under `audience`."""
+    fields = dataclasses.asdict(summary)
+    fields["audience"] = fields.pop("audience_key")
+    return fields
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,11 +11,19 @@ from worker.destinations.settings import HttpDestinationSettings
 from worker.ratelimit import LocalRateLimiter, RateLimit, RateLimiter
 from worker.settings import Settings
 
+# A limiter for a bucket (see `rate_bucket`) paced at a rate.
 LimiterFactory = Callable[[str, RateLimit], RateLimiter]
 
 
-def local_limiter(_name: str, limit: RateLimit) -> RateLimiter:
+def local_limiter(_bucket: str, limit: RateLimit) -> RateLimiter:
     return LocalRateLimiter(limit)
+
+
+def rate_bucket(name: str, settings: HttpDestinationSettings) -> str:
+    """Which requests a destination's pacing counts together: those to its account when its
+    service limits per account (two destinations on one key share one limit), else its own."""
+    account = settings.account()
+    return f"account:{account}" if account is not None else f"destination:{name}"
 
 
 def http_options(settings: Settings) -> HttpOptions:
@@ -54,7 +62,7 @@ class DestinationPool:
                 name, template, os.environ if self._env is None else self._env
             )
             limiter = (
-                self._limiter_factory(name, settings.rate_limit)
+                self._limiter_factory(rate_bucket(name, settings), settings.rate_limit)
                 if isinstance(settings, HttpDestinationSettings)
                 else None
             )

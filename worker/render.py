@@ -49,20 +49,20 @@ STATUS_COLUMNS = (
 )
 # fmt: on
 
-_SummaryColumn = Callable[[RunSummary], str]
+_SummaryColumn = Callable[[RunSummary], "str | Text"]
 _SUMMARY_COLUMNS: dict[str, _SummaryColumn] = {
     "run": lambda s: str(s.run_id),
     "audience": lambda s: s.audience_key,
     "destination": lambda s: s.destination,
     "mode": lambda s: s.mode,
-    "status": lambda s: status_word(s.status),
+    "status": lambda s: status_cell(s.status),
     "members": lambda s: str(s.members),
     "entered": lambda s: str(s.entered),
     "exited": lambda s: str(s.exited),
     "sent": lambda s: str(s.sent),
     "failed": lambda s: str(s.failed),
     "seconds": lambda s: f"{s.duration_seconds:.2f}",
-    "error": lambda s: escape(s.error or ""),
+    "error": lambda s: s.error or "",
 }
 # The demo's columns: the ones that tell the story of an initial then incremental sync.
 _DEMO_COLUMNS = ("audience", "mode", "status", "members", "entered", "exited", "sent")
@@ -71,6 +71,22 @@ _DEMO_COLUMNS = ("audience", "mode", "status", "members", "entered", "exited", "
 def status_word(status: str) -> str:
     """A run status in its colour (rich markup)."""
     return f"[{STATUS_COLOURS.get(status, 'white')}]{status}[/]"
+
+
+def status_cell(status: str) -> Text:
+    """A run status in its colour, as a table cell (the status itself is never markup)."""
+    return Text(status, style=STATUS_COLOURS.get(status, "white"))
+
+
+def cell(value: str | Text) -> Text:
+    """A table cell: a string is data, shown as it is (an audience named `Users [beta]` or a
+    user id `[/x]` is never read as rich markup); a Text keeps its own style."""
+    return value if isinstance(value, Text) else Text(value)
+
+
+def add_row(table: Table, *cells: str | Text) -> None:
+    """Every data row of every table goes through here, so no data cell is read as markup."""
+    table.add_row(*(cell(value) for value in cells))
 
 
 def _yes(flag: bool) -> str:
@@ -119,7 +135,7 @@ def summaries_table(summaries: Sequence[RunSummary]) -> Table:
     """The runs a command just made, one row each."""
     table = _table(*_SUMMARY_COLUMNS)
     for summary in summaries:
-        table.add_row(*(cell(summary) for cell in _SUMMARY_COLUMNS.values()))
+        add_row(table, *(column(summary) for column in _SUMMARY_COLUMNS.values()))
     return table
 
 
@@ -135,24 +151,25 @@ def demo_table(summaries: Sequence[RunSummary]) -> Table:
     )
     table.columns[0].min_width = max((len(s.audience_key) for s in summaries), default=8)
     for summary in summaries:
-        table.add_row(*(_SUMMARY_COLUMNS[name](summary) for name in _DEMO_COLUMNS))
+        add_row(table, *(_SUMMARY_COLUMNS[name](summary) for name in _DEMO_COLUMNS))
     return table
 
 
 def history_table(records: Sequence[RunRecord]) -> Table:
     table = _table(*HISTORY_COLUMNS)
     for r in records:
-        table.add_row(
+        add_row(
+            table,
             str(r.id),
             r.audience,
             r.destination,
             r.mode,
             r.trigger,
-            status_word(r.status),
+            status_cell(r.status),
             _time(r.started_at),
             duration(r.duration_seconds),
             *(str(n) for n in (r.members, r.entered, r.exited, r.sent, r.failed)),
-            escape(r.error or ""),
+            r.error or "",
         )
     return table
 
@@ -164,13 +181,17 @@ def run_json(record: RunRecord) -> dict[str, Any]:
 
 
 def run_detail_json(detail: RunDetail) -> dict[str, Any]:
-    """One run with its per-user failures, as `runs show --json` prints it."""
+    """One run with its per-user failures, as `runs show --json` prints it: `failures` holds
+    the first ones, `failures_total` counts them all, `failures_truncated` says some are
+    left out."""
     return {
         **run_json(detail.run),
         "failures": [
             {"user": f.user, "value": f.value, "status": f.status, "message": f.message}
             for f in detail.failures
         ],
+        "failures_total": detail.failures_total,
+        "failures_truncated": detail.failures_truncated,
     }
 
 
@@ -185,16 +206,29 @@ def run_detail(detail: RunDetail) -> list[RenderableType]:
     if detail.failures:
         table = _table("user", "value", "status", "message", title="per-user failures")
         for f in detail.failures:
-            table.add_row(f.user, str(f.value).lower(), str(f.status or ""), escape(f.message))
+            add_row(table, f.user, str(f.value).lower(), str(f.status or ""), f.message)
         lines.append(table)
+        if detail.failures_truncated:
+            # A line of its own: a table's title wraps to the table's width.
+            lines.append(
+                Text(
+                    f"per-user failures (showing {len(detail.failures)} of {detail.failures_total})"
+                )
+            )
     return lines
 
 
 def audiences_table(audiences: Sequence[AudienceListing]) -> Table:
     table = _table("key", "name", "source", "schedule", "destinations", "archived")
     for a in audiences:
-        table.add_row(
-            a.key, a.name, a.source, a.schedule, ", ".join(a.destinations), _yes(a.is_archived)
+        add_row(
+            table,
+            a.key,
+            a.name,
+            a.source,
+            a.schedule,
+            ", ".join(a.destinations),
+            _yes(a.is_archived),
         )
     return table
 
@@ -204,7 +238,8 @@ def failing_users_table(users: Sequence[FailingUser]) -> RenderableType:
         return "no quarantined users"
     table = _table(*FAILING_USER_COLUMNS)
     for u in users:
-        table.add_row(
+        add_row(
+            table,
             u.audience,
             u.destination,
             u.user,
@@ -212,7 +247,7 @@ def failing_users_table(users: Sequence[FailingUser]) -> RenderableType:
             str(u.rejections),
             _yes(u.is_quarantined),
             str(u.last_status or ""),
-            escape(u.last_message),
+            u.last_message,
             str(u.last_run_id),
         )
     return table
@@ -221,15 +256,16 @@ def failing_users_table(users: Sequence[FailingUser]) -> RenderableType:
 def status_table(rows: Sequence[PairStatus]) -> Table:
     table = _table(*STATUS_COLUMNS)
     for row in rows:
-        table.add_row(
+        add_row(
+            table,
             row.audience_key,
             row.destination,
             row.schedule,
             str(row.last_run_id or ""),
-            status_word(row.last_status) if row.last_status else "never",
+            status_cell(row.last_status) if row.last_status else "never",
             _time(row.last_started_at),
             _time(row.next_due_at),
-            escape(row.run_state) if row.run_state else _yes(row.is_running),
+            row.run_state or _yes(row.is_running),
             FULL_SYNC_OWED if row.is_full_sync_owed else "",
         )
     return table
@@ -325,7 +361,7 @@ def apply_lines(report: ApplyReport) -> list[str]:
 def check_line(destination: str, is_ok: bool, message: str) -> str:
     """One destination's credential check (rich markup)."""
     mark = "[green]ok[/]" if is_ok else "[red]failed[/]"
-    return f"{destination}: {mark} {escape(message)}"
+    return f"{escape(destination)}: {mark} {escape(message)}"
 
 
 _PLAN_KINDS = ("source", "destination", "audience")

@@ -5,6 +5,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import MappingProxyType
+from typing import TypedDict
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -19,6 +20,33 @@ from worker.repositories import runs as run_repo
 from worker.repositories import snapshots as snapshot_repo
 from worker.repositories import synced as synced_repo
 from worker.scheduling import next_due, parse_schedule
+
+
+class RunOutcomeFields(TypedDict):
+    """The fields a run's record (`history`, `runs show`) and its summary (what `sync`
+    prints, the `sync finished` log line) both copy from the stored run."""
+
+    mode: str
+    status: str
+    members: int
+    entered: int
+    exited: int
+    sent: int
+    failed: int
+    error: str | None
+
+
+def run_outcome_fields(run: SyncRun) -> RunOutcomeFields:
+    return RunOutcomeFields(
+        mode=run.mode,
+        status=run.status,
+        members=run.members,
+        entered=run.entered,
+        exited=run.exited,
+        sent=run.sent,
+        failed=run.failed,
+        error=run.error,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,10 +97,19 @@ class RunFailure:
     message: str
 
 
+# `runs show` lists at most this many of a run's failures (the first ones); it says so.
+RUN_FAILURES_SHOWN = 1000
+
+
 @dataclass(frozen=True, slots=True)
 class RunDetail:
     run: RunRecord
-    failures: tuple[RunFailure, ...]
+    failures: tuple[RunFailure, ...]  # the first RUN_FAILURES_SHOWN of them
+    failures_total: int  # all of the run's failures, shown or not
+
+    @property
+    def failures_truncated(self) -> bool:
+        return self.failures_total > len(self.failures)
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,8 +276,8 @@ class ReportService:
             rows = run_repo.history(session, audience_key=audience_key, limit=limit)
             return [_record(run, key, name) for run, key, name in rows]
 
-    def run(self, run_id: int) -> RunDetail:
-        """One run with its per-user failures."""
+    def run(self, run_id: int, *, failures_limit: int = RUN_FAILURES_SHOWN) -> RunDetail:
+        """One run with its first `failures_limit` per-user failures and their total."""
         with self._sessions() as session:
             run = run_repo.get_run(session, run_id)
             if run is None:
@@ -248,9 +285,10 @@ class ReportService:
             key, name = audience_repo.names_of_pair(session, run.audience_id, run.destination_id)
             failures = tuple(
                 RunFailure(user=f.member_id, value=f.value, status=f.status, message=f.message)
-                for f in failure_repo.failures_of_run(session, run_id)
+                for f in failure_repo.failures_of_run(session, run_id, limit=failures_limit)
             )
-            return RunDetail(_record(run, key, name), failures)
+            total = failure_repo.count_failures_of_run(session, run_id)
+            return RunDetail(_record(run, key, name), failures, total)
 
     def metrics(self) -> MetricsReport:
         """Every active pair's figures, from the run history and the failing users."""
@@ -528,19 +566,12 @@ def _record(run: SyncRun, audience_key: str, destination_name: str) -> RunRecord
         id=run.id,
         audience=audience_key,
         destination=destination_name,
-        mode=run.mode,
         trigger=run.trigger,
-        status=run.status,
         started_at=run.started_at,
         finished_at=run.finished_at,
-        members=run.members,
-        entered=run.entered,
-        exited=run.exited,
-        sent=run.sent,
-        failed=run.failed,
         # Read-only: a frozen record should not hand out a dict its reader could change.
         skipped_rows=MappingProxyType(dict(run.skipped_rows or {})),
-        error=run.error,
+        **run_outcome_fields(run),
         duration_seconds=(
             (run.finished_at - run.started_at).total_seconds()
             if run.finished_at is not None

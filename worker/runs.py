@@ -41,6 +41,7 @@ from worker.locking import (
     where_this_runs,
 )
 from worker.payloads import AudienceRef, Change, SendAs
+from worker.reports import run_outcome_fields
 from worker.repositories import audiences as audience_repo
 from worker.repositories import changes as change_repo
 from worker.repositories import failures as failure_repo
@@ -511,18 +512,18 @@ class RunLifecycle:
         no lock."""
         now = self._ctx.clock()
         with self._ctx.unit_of_work() as session:
-            current = run_repo.get_run(session, run_id)
-            is_closing = current is not None and current.status == RunStatus.RUNNING
+            # Changes a failed run leaves behind are settled by the pair's next run.
+            is_closing = run_repo.close_run(
+                session, run_id, status=status, error=error, finished_at=now
+            )
             if is_closing:
-                # Changes a failed run leaves behind are settled by the pair's next run.
-                run_repo.update_run(session, run_id, status=status, error=error, finished_at=now)
                 audience_repo.release_lock(session, pair_id, owner)
-                if current is not None and current.snapshot_id is not None:
-                    snapshot_repo.drop_staging(session, current.snapshot_id)
+            # Read once, after the close: the outcome as stored, this one or the first.
             run = run_repo.get_run(session, run_id)
             pair = audience_repo.pair_by_id(session, pair_id)
             assert run is not None and pair is not None
-            session.refresh(run)
+            if is_closing and run.snapshot_id is not None:
+                snapshot_repo.drop_staging(session, run.snapshot_id)
             summary = self.summarize(run, pair.audience.key, pair.destination.name, started)
         if is_closing:
             logger.log(
@@ -547,15 +548,8 @@ class RunLifecycle:
             run_id=run.id,
             audience_key=key,
             destination=destination,
-            mode=run.mode,
-            status=run.status,
-            members=run.members,
-            entered=run.entered,
-            exited=run.exited,
-            sent=run.sent,
-            failed=run.failed,
-            error=run.error,
             duration_seconds=round(duration, 3),
+            **run_outcome_fields(run),
         )
 
 

@@ -45,10 +45,14 @@ def build_runtime(
     default); `settings.crash_at` arms the guarantee tests' kill switch."""
     engine = make_engine(settings.database_url)
     sessions = make_session_factory(engine)
-    destinations = DestinationPool(http=http_options(settings), limiter_factory=limiter_factory)
+    # One env for both: a destination's `${VAR}` is resolved where a source's is.
+    env = os.environ if env is None else env
+    destinations = DestinationPool(
+        http=http_options(settings), limiter_factory=limiter_factory, env=env
+    )
     alerts = AlertNotifier(
         sessions=sessions,
-        env=os.environ if env is None else env,
+        env=env,
         clock=utcnow,
         public_url=settings.public_url,
     )
@@ -57,7 +61,7 @@ def build_runtime(
         settings=settings,
         destinations=destinations,
         progress=progress,
-        env=os.environ if env is None else env,
+        env=env,
         crash_point=kill_at(settings.crash_at),
         run_ended=alerts.run_ended,
     )

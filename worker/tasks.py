@@ -16,6 +16,7 @@ closed once), so they are acknowledged late and handed to another worker when th
 `sync_audience` is not (a second copy would queue a second run): it is acknowledged early.
 """
 
+import logging
 import threading
 from dataclasses import asdict
 from typing import Any
@@ -25,6 +26,7 @@ from celery import Celery, Signature, Task, chord
 from celery.signals import (
     after_setup_logger,
     after_setup_task_logger,
+    celeryd_after_setup,
     worker_process_init,
     worker_process_shutdown,
     worker_shutdown,
@@ -38,6 +40,7 @@ from worker.celery import (
     SYNC_SOFT_LIMIT_SECONDS,
     app,
 )
+from worker.db import StateDatabaseError, check_schema
 from worker.domain import (
     FanOut,
     PreparedRun,
@@ -54,7 +57,9 @@ from worker.ratelimit import RateLimit, RateLimiter, RedisRateLimiter
 from worker.runtime import Runtime, build_runtime
 from worker.settings import get_settings
 
-RATE_LIMIT_KEY = "audience_sync:rate_limit:{name}"
+logger = logging.getLogger(__name__)
+
+RATE_LIMIT_KEY = "audience_sync:rate_limit:{bucket}"
 ABANDONED = "a delivery chunk failed unexpectedly; see the worker log for its error"
 
 _runtime: Runtime | None = None
@@ -63,11 +68,12 @@ _runtime_lock = threading.Lock()
 
 
 def redis_limiter_factory(client: redis.Redis) -> LimiterFactory:
-    """Limiters kept in Redis, one bucket per destination name: every worker process on
-    every host paces its requests together, and a 429 seen by one pauses them all."""
+    """Limiters kept in Redis, one bucket per destination account or name (`rate_bucket`):
+    every worker process on every host paces its requests together, and a 429 seen by one
+    pauses them all."""
 
-    def make(name: str, limit: RateLimit) -> RateLimiter:
-        return RedisRateLimiter(client, RATE_LIMIT_KEY.format(name=name), limit)
+    def make(bucket: str, limit: RateLimit) -> RateLimiter:
+        return RedisRateLimiter(client, RATE_LIMIT_KEY.format(bucket=bucket), limit)
 
     return make
 
@@ -92,6 +98,18 @@ def close_runtime() -> None:
         if _redis is not None:
             _redis.close()
         _runtime, _redis = None, None
+
+
+@celeryd_after_setup.connect
+def _refuse_an_unusable_state_database(**_: Any) -> None:
+    # Once, in the main process, before the pool starts: a worker whose state database is
+    # unreachable, not migrated or at another revision says so in one line and stops,
+    # rather than taking tasks to fail each of them on it.
+    try:
+        check_schema(get_settings().database_url)
+    except StateDatabaseError as exc:
+        logger.error("the worker does not start: %s", exc)
+        raise SystemExit(1) from None
 
 
 @worker_process_init.connect

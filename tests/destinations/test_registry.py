@@ -19,7 +19,7 @@ from worker.destinations.registry import (
 from worker.destinations.settings import HttpDestinationSettings
 from worker.errors import ConfigError
 from worker.pool import DestinationPool
-from worker.ratelimit import LocalRateLimiter, RateLimit, RateLimiter
+from worker.ratelimit import LocalRateLimiter, RateLimit, RateLimiter, account_id
 
 KEY = "pau-registry-test-key-0123456789"
 ENV = {"ORTTO_KEY": KEY}
@@ -107,5 +107,27 @@ def test_the_pool_builds_each_client_once_with_the_parsed_rate_limit() -> None:
     assert isinstance(client, OrttoDestination)
     file = pool.get("f", {"type": "file", "path": "out.ndjson"})
     assert isinstance(file, FileDestination)
-    assert asked == [("o", RateLimit(5))]  # a file is not paced
+    assert asked == [("destination:o", RateLimit(5))]  # a file is not paced
     pool.close()
+
+
+def test_destinations_on_one_ortto_account_share_one_rate_bucket() -> None:
+    # Ortto counts requests per account: two destinations on one API key get one limit
+    # between them, not one each; another key is another account.
+    asked: list[tuple[str, RateLimit]] = []
+
+    def limiter_factory(bucket: str, limit: RateLimit) -> RateLimiter:
+        asked.append((bucket, limit))
+        return LocalRateLimiter(limit)
+
+    env = {"ONE_KEY": KEY, "OTHER_KEY": "pau-another-account-key-01234567"}
+    pool = DestinationPool(http=FAST, limiter_factory=limiter_factory, env=env)
+    api = {"type": "ortto-api", "endpoint": "http://127.0.0.1:9"}
+    pool.get("crm", {**api, "api_key": "${ONE_KEY}"})
+    pool.get("crm_copy", {**api, "api_key": "${ONE_KEY}"})
+    pool.get("other_crm", {**api, "api_key": "${OTHER_KEY}"})
+    pool.close()
+    buckets = [bucket for bucket, _limit in asked]
+    assert buckets[0] == buckets[1] == f"account:{account_id(KEY)}"
+    assert buckets[2] == f"account:{account_id(env['OTHER_KEY'])}"
+    assert KEY not in "".join(buckets)  # the bucket names the account, never its key

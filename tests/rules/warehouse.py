@@ -1,7 +1,6 @@
 """A small Segment-layout warehouse on each dialect rule audiences support, for the tests."""
 
 import os
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC
@@ -18,12 +17,11 @@ from sqlalchemy import (
     String,
     Table,
     create_engine,
-    make_url,
-    text,
 )
 from sqlalchemy.dialects import postgresql
 
 from tests.rules.evaluator import Dataset
+from worker.testing.databases import scratch_database
 
 POSTGRES_URL = os.environ.get(
     "AUDIENCE_SYNC_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -97,29 +95,15 @@ def _database(dialect: str, tmp_path: Path) -> Iterator[str]:
         yield f"duckdb:///{tmp_path / 'warehouse.duckdb'}"
     elif dialect == "mariadb":
         # Binary collation: text compares as the reference evaluator compares it.
-        with _created(MARIADB_URL, "CHARACTER SET utf8mb4 COLLATE utf8mb4_bin", "`") as url:
+        with scratch_database(
+            MARIADB_URL, prefix="rules", options="CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+        ) as url:
             yield url
     elif dialect == "postgresql":
-        with _created(POSTGRES_URL, "", '"') as url:
+        with scratch_database(POSTGRES_URL, prefix="rules") as url:
             yield url
     else:
         raise ValueError(dialect)
-
-
-@contextmanager
-def _created(server_url: str, options: str, quote: str) -> Iterator[str]:
-    name = f"rules_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f"CREATE DATABASE {quote}{name}{quote} {options}"))
-        try:
-            yield make_url(server_url).set(database=name).render_as_string(hide_password=False)
-        finally:
-            with admin.connect() as connection:
-                connection.execute(text(f"DROP DATABASE {quote}{name}{quote}"))
-    finally:
-        admin.dispose()
 
 
 def load(engine: Engine, data: Dataset) -> None:

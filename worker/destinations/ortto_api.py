@@ -83,6 +83,10 @@ class OrttoApiSettings(HttpDestinationSettings):
     def base_url(self) -> str:
         return self.endpoint or ORTTO_API_HOSTS[self.region]
 
+    def account(self) -> str:
+        # Ortto counts requests per account: two destinations on one key share its limits.
+        return account_id(self.api_key.get_secret_value())
+
 
 def merge_body_affixes(merge_by: Sequence[str]) -> tuple[bytes, bytes]:
     """The bytes around the encoded people of a merge request."""
@@ -224,7 +228,7 @@ class OrttoApiDestination(HttpDestinationClient[OrttoApiSettings]):
         return SecretHeaderAuth(header="X-Api-Key", secret=settings.api_key, scheme="plain")
 
     def account_for(self, settings: OrttoApiSettings) -> str:
-        return account_id(settings.api_key.get_secret_value())
+        return settings.account()
 
     def prepare(self, audience: AudienceRef) -> str:
         """The id of the audience's boolean custom field, found by name or created."""

@@ -54,6 +54,12 @@ class HttpDestinationSettings(DestinationSettings):
 
     rate_limit: RateLimitSetting
 
+    def account(self) -> str | None:
+        """The destination account these settings reach, for a type whose service limits
+        (requests per second, refused requests) count per account rather than per
+        destination; None: no such account, the destination is paced on its own."""
+        return None
+
 
 def describe_error(exc: ValidationError, *, hide_input: bool = False) -> tuple[Loc, str]:
     """The location of a validation error's first problem, and a sentence saying it."""

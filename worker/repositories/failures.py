@@ -4,7 +4,7 @@ only writer)."""
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import delete, exists, false, literal, select, update
+from sqlalchemy import delete, exists, false, func, literal, select, update
 from sqlalchemy.orm import Session
 
 from models import (
@@ -225,6 +225,17 @@ def failing_members(
     if audience_key is not None:
         query = query.where(Audience.key == audience_key)
     return [(row, key, name) for row, key, name in session.execute(query).all()]
+
+
+def count_failures_of_run(session: Session, run_id: int) -> int:
+    return (
+        session.scalar(
+            select(func.count())
+            .select_from(DeliveryFailure)
+            .where(DeliveryFailure.run_id == run_id)
+        )
+        or 0
+    )
 
 
 def failures_of_run(

@@ -93,6 +93,20 @@ def update_run(session: Session, run_id: int, **values: Any) -> None:
     )
 
 
+def close_run(
+    session: Session, run_id: int, *, status: RunStatus, error: str | None, finished_at: datetime
+) -> bool:
+    """Record a running run's outcome; False (nothing written) if it is closed already, so
+    the first outcome stays."""
+    result = session.execute(
+        update(SyncRun)
+        .where(SyncRun.id == run_id, SyncRun.status == RunStatus.RUNNING)
+        .values(status=status, error=error, finished_at=finished_at)
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount) == 1  # type: ignore[attr-defined]
+
+
 def add_to_counters(session: Session, run_id: int, *, sent: int, failed: int) -> None:
     """Increment the run's counters in SQL, so parallel chunk workers never overwrite."""
     session.execute(
