@@ -42,6 +42,7 @@ typecheck: install
 
 bench: install
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.rules
 
 clean:
 	rm -rf $(VENV) demo-output audience_sync.db .pytest_cache .mypy_cache .ruff_cache

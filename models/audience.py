@@ -29,6 +29,9 @@ class Source(Base):
     name: Mapped[str] = mapped_column(String(100), unique=True)
     url: Mapped[str] = mapped_column(Text)
     statement_timeout_seconds: Mapped[float] = mapped_column(Float)
+    # The event layout rule audiences compile against (`layout`, `schema`, table names as
+    # worker.rules.LayoutSpec has them); NULL for a source of SQL audiences only.
+    layout: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
 
 
 class Destination(Base):
@@ -50,7 +53,10 @@ class Audience(Base):
     key: Mapped[str] = mapped_column(String(200), unique=True)
     name: Mapped[str] = mapped_column(String(200))
     source_id: Mapped[int] = mapped_column(ForeignKey("sources.id"))
-    query: Mapped[str] = mapped_column(Text)
+    # Exactly one of `query` (SQL) and `rules` (the rule tree as written, compiled each run).
+    query: Mapped[str | None] = mapped_column(Text)
+    rules: Mapped[Any | None] = mapped_column(JSON(none_as_null=True))
+    include_anonymous: Mapped[bool] = mapped_column(Boolean, default=False)
     schedule: Mapped[str] = mapped_column(String(100))
     max_exit_fraction: Mapped[float] = mapped_column(Float)
     is_archived: Mapped[bool] = mapped_column(Boolean, default=False)

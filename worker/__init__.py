@@ -9,6 +9,7 @@ Module map (one line each; the service's parts run top to bottom of a run):
     scheduling     schedules ("every 1h", cron) and when a pair is next due
     sources        audience queries: check, stream rows, clean them into members
     rules/         rule audiences: conditions on events and traits compiled to SQL
+    audiences      an audience's definition: compiling rule audiences, show and preview
     payloads       the identify and track calls of one user's change (send_as)
     batching       cutting identify calls into batches a destination accepts
     ratelimit      rate-limit parsing and the local and Redis token buckets

@@ -5,6 +5,7 @@ from collections.abc import Collection, Sequence
 
 from sqlalchemy.orm import Session
 
+from worker.audiences import check_rule_audiences
 from worker.config import Config, resolve_source_url
 from worker.context import ServiceContext
 from worker.domain import ApplyReport, PairStatus
@@ -33,7 +34,8 @@ def _catalog_state(session: Session) -> CatalogState:
     names = {d.id: d.name for d in destinations.values()}
     return CatalogState(
         sources=tuple(
-            SourceState(s.name, s.url, s.statement_timeout_seconds) for s in sources.values()
+            SourceState(s.name, s.url, s.statement_timeout_seconds, s.layout)
+            for s in sources.values()
         ),
         destinations=tuple(
             DestinationState(d.name, d.type, dict(d.settings)) for d in destinations.values()
@@ -50,6 +52,8 @@ def _catalog_state(session: Session) -> CatalogState:
                 ),
                 max_exit_fraction=a.max_exit_fraction,
                 is_archived=a.is_archived,
+                rules=a.rules,
+                include_anonymous=a.include_anonymous,
             )
             for a in audience_repo.all_audiences(session)
         ),
@@ -111,6 +115,8 @@ class Catalog:
                     "name": aspec.name,
                     "source_id": sources[aspec.source].id,
                     "query": aspec.query,
+                    "rules": aspec.rules,
+                    "include_anonymous": aspec.include_anonymous,
                     "schedule": aspec.schedule,
                     "max_exit_fraction": aspec.max_exit_fraction,
                     "is_archived": False,
@@ -139,7 +145,11 @@ class Catalog:
 
     def _check_queries(self, config: Config) -> None:
         sources = {s.name: s for s in config.sources}
+        # Rule audiences: each source's tables reflected once, each rule checked against them.
+        check_rule_audiences(config, self._ctx.env, now=self._ctx.clock())
         for audience in config.audiences:
+            if audience.query is None:
+                continue
             source = sources[audience.source]
             try:
                 check_query(

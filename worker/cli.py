@@ -297,6 +297,34 @@ def audiences_list(as_json: JsonOption = False) -> None:
         out.console.print(render.audiences_table(audiences))
 
 
+@audiences_app.command("show")
+def audiences_show(
+    key: Annotated[str, typer.Argument(help="The audience key.")],
+    sql: Annotated[
+        bool, typer.Option("--sql", help="Print the SQL it runs, with its parameters.")
+    ] = False,
+) -> None:
+    """Show an audience's definition (its query, or its rules); --sql compiles rules now."""
+    with _runtime() as runtime:
+        if sql:
+            shown = render.compiled_audience(runtime.service.compiled_audience(key))
+        else:
+            shown = render.audience_definition(runtime.service.show_audience(key))
+    out.console.print(shown, highlight=False)
+
+
+@audiences_app.command("preview")
+def audiences_preview(
+    key: Annotated[str, typer.Argument(help="The audience key.")],
+    limit: Annotated[int, typer.Option(min=0, help="How many members to list.")] = 10,
+) -> None:
+    """Count an audience's members in its source now and list a few; nothing is synced and
+    the state database is only read."""
+    with _runtime() as runtime:
+        preview = runtime.service.preview_audience(key, limit=limit)
+    out.console.print(*render.audience_preview_lines(preview), sep="\n", highlight=False)
+
+
 @app.command()
 def sync(
     keys: Annotated[list[str] | None, typer.Argument(help="Audience keys (default: all).")] = None,
@@ -684,7 +712,7 @@ def demo(
         "demo-output"
     ),
 ) -> None:
-    """Build a sample shop, sync three audiences to a file, churn, sync again."""
+    """Build a sample shop, sync four audiences (one of rules) to a file, churn, sync again."""
     from worker.demo import run_demo
 
     with _errors():

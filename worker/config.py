@@ -8,8 +8,9 @@ The result is a plain `Config` value; nothing here touches the state database.
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -38,6 +39,10 @@ from worker.envrefs import has_env_ref, resolve_env
 from worker.errors import ConfigError
 from worker.keys import audience_key, validate_pinned_key
 from worker.payloads import DEFAULT_SPACE_ID, SendAs
+from worker.rules import LayoutSpec, Rule, parse_layout_spec, parse_rules, referenced_audiences
+from worker.rules.check import walk_rules
+from worker.rules.grammar import InAudience
+from worker.rules.layout import LAYOUTS
 from worker.scheduling import DEFAULT_SCHEDULE, parse_schedule
 
 
@@ -48,13 +53,22 @@ class _Strict(BaseModel):
 class SourceModel(_Strict):
     url: str = Field(min_length=1)
     statement_timeout: float = Field(default=300.0, gt=0, description="seconds")
+    # The event layout rule audiences compile against (worker.rules.layout); none: SQL only.
+    layout: str | None = None
+    schema_: str | None = Field(default=None, alias="schema")
+    tracks: str | None = None
+    identifies: str | None = None
+    users: str | None = None
 
 
 class AudienceModel(_Strict):
     name: str = Field(min_length=1, max_length=200)
     key: str | None = None
     source: str
-    query: str = Field(min_length=1)
+    query: str | None = Field(default=None, min_length=1)
+    # Rule audiences: checked by worker.rules' grammar, which names the valid choices.
+    rules: Any = None
+    include_anonymous: bool = False
     schedule: str = DEFAULT_SCHEDULE
     # A destination's name, or `{name: NAME, send_as: ..., ortto_audience_name: ...}`.
     destinations: list[str | dict[str, Any]] = Field(min_length=1)
@@ -107,6 +121,12 @@ class SourceSpec:
     name: str
     url: str  # template: `${VAR}` references kept, resolved at run time
     statement_timeout_seconds: float
+    layout: LayoutSpec | None = None  # set: rule audiences may use this source
+
+    @property
+    def layout_settings(self) -> dict[str, Any] | None:
+        """The layout as stored (`sources.layout`); `LayoutSpec(**settings)` reads it back."""
+        return None if self.layout is None else asdict(self.layout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,12 +151,19 @@ class AudienceSpec:
     name: str
     is_key_pinned: bool
     source: str
-    query: str
+    query: str | None  # None: a rule audience
     schedule: str
     destinations: tuple[str, ...]
     max_exit_fraction: float
     # One per destination, in the order of `destinations`.
     outputs: tuple[PairSpec, ...] = ()
+    rules: Any = None  # a rule audience's `rules:` as written (plain data, stored as JSON)
+    include_anonymous: bool = False
+
+    @property
+    def rule(self) -> Rule | None:
+        """The parsed rule tree (the data was checked when the file was loaded)."""
+        return None if self.rules is None else parse_rules(self.rules)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +183,24 @@ class Config:
     audiences: tuple[AudienceSpec, ...]
     # The workspace's space id (Engage's `context.personas.space_id` and `namespace`).
     space_id: str = DEFAULT_SPACE_ID
+    # Where the file came from, to name the line of a problem found after loading (`apply`).
+    path: Path | None = None
+    root: yaml.Node | None = field(default=None, compare=False, repr=False)
     alerts: tuple[AlertSpec, ...] = ()
+
+    def locate(self, *loc: int | str) -> str:
+        """`FILE (line N)` of the YAML node at `loc` (as far as it goes), for messages."""
+        return _where(self.path, self.root, loc)
+
+    def rule_error(self, index: int, exc: ConfigError) -> ConfigError:
+        """A rule problem of audience `index` (its message starting `rules...: `) as one line
+        naming the file and the rule's line."""
+        return rule_error(self, index, exc)
+
+    def source_error(self, name: str, exc: Exception) -> ConfigError:
+        """A problem with source `name`'s layout found after loading (its tables), as one
+        line naming the file and the source's `layout:` line."""
+        return ConfigError(f"{self.locate('sources', name, 'layout')}: sources.{name}: {exc}")
 
 
 def check_destination(
@@ -310,7 +354,8 @@ def _build(
                 f"sources.{name}.url holds a password: move the URL into an environment "
                 "variable and write url: '${SHOP_DATABASE_URL}'"
             )
-        sources.append(SourceSpec(name, source.url, source.statement_timeout))
+        layout = _layout_of(name, source, root, path)
+        sources.append(SourceSpec(name, source.url, source.statement_timeout, layout))
     destinations = []
     for name, template in model.destinations.items():
         check_destination(name, template, env, root, path)
@@ -346,7 +391,7 @@ def _build(
                 )
         if len(set(names)) != len(names):
             raise ConfigError(f"{where}: a destination is listed twice")
-        check_single_statement(where, audience.query)
+        _check_definition(index, audience, model, root, path)
         try:
             parse_schedule(audience.schedule)
         except ConfigError as exc:
@@ -357,15 +402,152 @@ def _build(
                 name=audience.name,
                 is_key_pinned=audience.key is not None,
                 source=audience.source,
-                query=statement_body(audience.query),
+                query=None if audience.query is None else statement_body(audience.query),
                 schedule=audience.schedule,
                 destinations=tuple(names),
                 max_exit_fraction=audience.max_exit_fraction,
                 outputs=outputs,
+                rules=audience.rules,
+                include_anonymous=audience.include_anonymous,
             )
         )
     space_id = model.workspace.space_id if model.workspace else DEFAULT_SPACE_ID
-    return Config(tuple(sources), tuple(destinations), tuple(audiences), space_id)
+    config = Config(
+        tuple(sources), tuple(destinations), tuple(audiences), space_id, path=path, root=root
+    )
+    _check_in_audience(config)
+    return config
+
+
+def _where(path: Path | None, root: yaml.Node | None, loc: tuple[int | str, ...]) -> str:
+    line = _line_of(root, loc) if root is not None else None
+    at = f" (line {line})" if line else ""
+    return f"{path}{at}" if path is not None else f"line {line}" if line else "configuration"
+
+
+def _layout_of(
+    name: str, source: SourceModel, root: yaml.Node | None, path: Path
+) -> LayoutSpec | None:
+    """The source's layout settings, or None for a source of SQL audiences only."""
+    given = {
+        "layout": source.layout,
+        "schema": source.schema_,
+        "tracks": source.tracks,
+        "identifies": source.identifies,
+        "users": source.users,
+    }
+    settings = {key: value for key, value in given.items() if value is not None}
+    if not settings:
+        return None
+    try:
+        return parse_layout_spec(settings, at=f"sources.{name}")
+    except ConfigError as exc:
+        key = "layout" if "layout" in settings else next(iter(settings))
+        message = str(exc)
+        if not message.startswith("sources."):
+            message = f"sources.{name}.layout: {message}"
+        raise ConfigError(f"{_where(path, root, ('sources', name, key))}: {message}") from None
+
+
+def _check_definition(
+    index: int, audience: AudienceModel, model: ConfigModel, root: yaml.Node | None, path: Path
+) -> None:
+    """Exactly one of `query` and `rules`; rules parse and their source has a layout."""
+    where = f"audiences[{index}] ({audience.name!r})"
+    has_query, has_rules = audience.query is not None, audience.rules is not None
+    if has_query == has_rules:
+        loc: tuple[int | str, ...] = ("audiences", index, "rules" if has_rules else "name")
+        raise ConfigError(
+            f"{_where(path, root, loc)}: {where}: give exactly one of `query:` (SQL) and "
+            f"`rules:` (conditions on events and traits); found "
+            f"{'both' if has_query else 'neither'}"
+        )
+    if audience.query is not None:
+        if audience.include_anonymous:
+            raise ConfigError(
+                f"{_where(path, root, ('audiences', index, 'include_anonymous'))}: {where}: "
+                "include_anonymous is for `rules:`; a query includes anonymous users by "
+                "returning an anonymous_id column"
+            )
+        check_single_statement(where, audience.query)
+        return
+    source = model.sources[audience.source]
+    if source.layout is None:
+        raise ConfigError(
+            f"{_where(path, root, ('audiences', index, 'rules'))}: {where}: rules need a source "
+            f"with a layout, and source {audience.source!r} has none; add `layout: segment` "
+            f"to it (valid layouts: {', '.join(LAYOUTS)})"
+        )
+    try:
+        parse_rules(audience.rules, at="rules")
+    except ConfigError as exc:
+        raise _rule_error(path, root, index, audience.name, exc) from None
+
+
+def _check_in_audience(config: Config) -> None:
+    """Every `in_audience` names an audience of the same source, and none makes a cycle."""
+    by_key = {a.key: (index, a) for index, a in enumerate(config.audiences)}
+    for index, audience in enumerate(config.audiences):
+        rule = audience.rule
+        if rule is None:
+            continue
+        for at, node in walk_rules(rule):
+            if not isinstance(node, InAudience):
+                continue
+            found = by_key.get(node.audience)
+            same_source = sorted(k for k, (_, a) in by_key.items() if a.source == audience.source)
+            if found is None or found[1].source != audience.source:
+                elsewhere = f" (it is on source {found[1].source!r})" if found else ""
+                problem = ConfigError(
+                    f"{at}.in_audience: unknown audience {node.audience!r}{elsewhere}; "
+                    f"audiences of source {audience.source!r}: {', '.join(same_source)}"
+                )
+                raise config.rule_error(index, problem)
+            cycle = _cycle(config, by_key, (audience.key, node.audience))
+            if cycle:
+                problem = ConfigError(f"{at}.in_audience: makes a cycle: {' -> '.join(cycle)}")
+                raise config.rule_error(index, problem)
+
+
+def _cycle(
+    config: Config, by_key: Mapping[str, tuple[int, AudienceSpec]], path: tuple[str, ...]
+) -> tuple[str, ...] | None:
+    """The first cycle through `path` (audience keys, each naming the next), if any."""
+    if path[-1] == path[0]:
+        return path
+    if path[-1] in path[:-1]:
+        return None  # a cycle that does not pass through path[0]: reported from its own start
+    rule = by_key[path[-1]][1].rule
+    for name in sorted(referenced_audiences(rule) if rule is not None else ()):
+        if name in by_key:
+            found = _cycle(config, by_key, (*path, name))
+            if found:
+                return found
+    return None
+
+
+_STEP = re.compile(r"\.?([^.\[\]]+)|\[(\d+)\]")
+
+
+def _loc_of(at: str) -> tuple[int | str, ...]:
+    """`rules.all[0].where` -> ("rules", "all", 0, "where")."""
+    return tuple(int(number) if number else name for name, number in _STEP.findall(at))
+
+
+def rule_error(config: Config, index: int, exc: ConfigError) -> ConfigError:
+    """A rule problem of audience `index` (its message starting `rules...: `) as one line
+    naming the file and the rule's line."""
+    return _rule_error(config.path, config.root, index, config.audiences[index].name, exc)
+
+
+def _rule_error(
+    path: Path | None, root: yaml.Node | None, index: int, name: str, exc: ConfigError
+) -> ConfigError:
+    at, separator, reason = str(exc).partition(": ")
+    if not separator or not at.startswith("rules"):
+        at, reason = "rules", str(exc)
+    where = _where(path, root, ("audiences", index, *_loc_of(at)))
+    return ConfigError(f"{where}: audiences[{index}] ({name!r}).{at}: {reason}")
 
 
 def _alerts_on_key(data: dict[Any, Any]) -> None:

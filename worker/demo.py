@@ -1,4 +1,5 @@
-"""`audience-sync demo`: a sample shop on SQLite, three audiences, two syncs to a file."""
+"""`audience-sync demo`: a sample shop on SQLite, four audiences (three in SQL, one of rules
+over the shop's Segment-layout events), two syncs to a file."""
 
 import json
 import random
@@ -18,9 +19,11 @@ from worker.settings import Settings
 USERS = 2_000
 
 AUDIENCES_YML = """\
-# The demo's audiences: SQL over the sample shop, synced to an NDJSON file.
+# The demo's audiences: SQL over the sample shop, and rules over the events it also writes
+# in the Segment warehouse layout (tracks, order_completed, identifies, users), synced to an
+# NDJSON file.
 sources:
-  shop: {{url: "sqlite:///{shop}"}}
+  shop: {{url: "sqlite:///{shop}", layout: segment}}
 destinations:
   local: {{type: file, path: "{out}"}}
 audiences:
@@ -44,7 +47,21 @@ audiences:
     query: select id as user_id, email from users where newsletter = 1
     schedule: every 2h
     destinations: [local]
+  - name: Repeat Buyers 30d
+    source: shop
+    rules:
+      all:
+        - performed: Order Completed
+          where: {{revenue: {{gte: 50}}}}
+          count: {{at_least: 2}}
+          within: 30d
+        - in_audience: newsletter_subscribers
+    schedule: every 2h
+    destinations: [local]
 """
+# One order in five is placed before its buyer logs in: the event carries only the browser's
+# anonymous id, and an identify call ties that id to the user (the rules count it for them).
+ANONYMOUS_SHARE = 0.2
 
 
 def build_shop(path: Path, *, seed: int = 7) -> None:
@@ -57,6 +74,13 @@ def build_shop(path: Path, *, seed: int = 7) -> None:
             "create table users (id text primary key, email text, newsletter integer);"
             "create table orders (id integer primary key, user_id text, amount real,"
             " created_at text);"
+            # The same orders as events, in the Segment warehouse layout.
+            "create table tracks (id text primary key, anonymous_id text, user_id text,"
+            " timestamp timestamp, event text);"
+            "create table order_completed (id text primary key, anonymous_id text, user_id text,"
+            " timestamp timestamp, revenue real);"
+            "create table identifies (id text primary key, anonymous_id text, user_id text,"
+            " timestamp timestamp);"
         )
         conn.executemany(
             "insert into users values (?, ?, ?)",
@@ -70,6 +94,35 @@ def build_shop(path: Path, *, seed: int = 7) -> None:
         conn.executemany(
             "insert into orders (user_id, amount, created_at) values (?, ?, ?)", orders
         )
+        _write_events(conn, orders, rng)
+
+
+def _moment(value: datetime) -> str:
+    # The text SQLAlchemy compares timestamps with on SQLite (microseconds always written).
+    return value.strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def _write_events(
+    conn: sqlite3.Connection, orders: list[tuple[str, float, str]], rng: random.Random
+) -> None:
+    """Each order as an `Order Completed` event (in tracks and order_completed); some placed
+    before login, with an identifies row tying the anonymous id to the user."""
+    first = conn.execute("select count(*) from order_completed").fetchone()[0]
+    events: list[tuple[str, str, str | None, str, float]] = []
+    identifies: list[tuple[str, str, str, str]] = []
+    for number, (user, amount, created_at) in enumerate(orders, start=first):
+        when = _moment(datetime.fromisoformat(created_at))
+        anonymous = f"anon-{user}"
+        if rng.random() < ANONYMOUS_SHARE:
+            events.append((f"e{number}", anonymous, None, when, amount))
+            identifies.append((f"i{number}", anonymous, user, when))
+        else:
+            events.append((f"e{number}", anonymous, user, when, amount))
+    conn.executemany("insert into order_completed values (?, ?, ?, ?, ?)", events)
+    conn.executemany(
+        "insert into tracks values (?, ?, ?, ?, 'Order Completed')", [e[:4] for e in events]
+    )
+    conn.executemany("insert into identifies values (?, ?, ?, ?)", identifies)
 
 
 def churn_shop(path: Path, *, seed: int = 11) -> None:
@@ -78,15 +131,22 @@ def churn_shop(path: Path, *, seed: int = 11) -> None:
     now = datetime.now(UTC).replace(tzinfo=None)
     with sqlite3.connect(path) as conn:
         buyers = rng.sample(range(USERS), 60)
+        orders = [(f"u{i:05d}", 450.0, now.isoformat(" ")) for i in buyers]
         conn.executemany(
-            "insert into orders (user_id, amount, created_at) values (?, ?, ?)",
-            [(f"u{i:05d}", 450.0, now.isoformat(" ")) for i in buyers],
+            "insert into orders (user_id, amount, created_at) values (?, ?, ?)", orders
         )
+        _write_events(conn, orders, rng)
         aged = rng.sample(range(USERS), 80)
+        old = now - timedelta(days=120)
         conn.executemany(
             "update orders set created_at = ? where user_id = ?",
-            [((now - timedelta(days=120)).isoformat(" "), f"u{i:05d}") for i in aged],
+            [(old.isoformat(" "), f"u{i:05d}") for i in aged],
         )
+        for table in ("order_completed", "tracks"):
+            conn.executemany(
+                f"update {table} set timestamp = ? where user_id = ? or anonymous_id = ?",
+                [(_moment(old), f"u{i:05d}", f"anon-u{i:05d}") for i in aged],
+            )
         conn.executemany(
             "update users set newsletter = 1 - newsletter where id = ?",
             [(f"u{i:05d}",) for i in rng.sample(range(USERS), 40)],

@@ -27,6 +27,7 @@ class SourceState:
     name: str
     url: str
     statement_timeout_seconds: float
+    layout: Mapping[str, Any] | None = None  # rule audiences' event layout (None: SQL only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,11 +44,13 @@ class AudienceState:
     key: str
     name: str
     source: str
-    query: str
+    query: str | None  # None: a rule audience
     schedule: str
     destinations: tuple[str, ...]
     max_exit_fraction: float
     is_archived: bool
+    rules: Any = None  # a rule audience's rules, as written
+    include_anonymous: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +120,8 @@ AUDIENCE_FIELDS = (
     ("name", "name"),
     ("source", "source"),
     ("query", "query"),
+    ("rules", "rules"),
+    ("include_anonymous", "include_anonymous"),
     ("schedule", "schedule"),
     ("destinations", "destinations"),
     ("guard", "max_exit_fraction"),
@@ -168,6 +173,7 @@ def _source_items(current: Sequence[SourceState], desired: Config) -> list[ItemP
                 old.statement_timeout_seconds if old else None,
                 spec.statement_timeout_seconds,
             ),
+            ("layout", old.layout if old else None, spec.layout_settings),
         )
         items.append(_item("source", spec.name, is_new=old is None, changes=_diff(fields)))
     return items
@@ -214,6 +220,8 @@ def _audience_items(current: Sequence[AudienceState], desired: Config) -> list[I
                 destinations=spec.destinations,
                 max_exit_fraction=spec.max_exit_fraction,
                 is_archived=False,
+                rules=spec.rules,
+                include_anonymous=spec.include_anonymous,
             )
         )
         old_audience = known.get(spec.key)
@@ -232,9 +240,10 @@ def _audience_items(current: Sequence[AudienceState], desired: Config) -> list[I
     return items
 
 
-def same_query(a: str, b: str) -> bool:
-    """Whether two queries are the same but for spacing and line breaks."""
-    return a.split() == b.split()
+def same_query(a: str | None, b: str | None) -> bool:
+    """Whether two queries are the same but for spacing and line breaks (a rule audience
+    has no query)."""
+    return a is not None and b is not None and a.split() == b.split()
 
 
 def _refusals(
@@ -265,14 +274,15 @@ def _refusals(
         if spec.key not in created or spec.key in allowed_new_keys:
             continue
         for old in leaving:
-            if old.source == spec.source and same_query(old.query, spec.query):
+            same_rules = old.rules is not None and old.rules == spec.rules
+            if old.source == spec.source and (same_query(old.query, spec.query) or same_rules):
                 refusals.append(
                     f"audience {spec.name!r} would be created with the new key {spec.key!r} "
                     f"while {old.key!r}, which this file archives, has the same source and "
-                    f"query: a likely rename, which would leave {old.key!r} true at the "
-                    f"destinations. To keep the key, add the line `key: {old.key}` to the "
-                    f"audience {spec.name!r}; to create a new key anyway, pass "
-                    f"--allow-new-key {spec.key}"
+                    f"{'rules' if same_rules else 'query'}: a likely rename, which would "
+                    f"leave {old.key!r} true at the destinations. To keep the key, add the "
+                    f"line `key: {old.key}` to the audience {spec.name!r}; to create a new "
+                    f"key anyway, pass --allow-new-key {spec.key}"
                 )
                 break
     return refusals

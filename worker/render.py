@@ -3,15 +3,18 @@ from the service's plain values to rich renderables and JSON records, shared by 
 the demo. Nothing here reads a database or prints."""
 
 import dataclasses
+import json
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+import yaml
 from rich.console import RenderableType
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from worker.audiences import AudienceView, CompiledAudience, Preview
 from worker.domain import ApplyReport, PairStatus, RunSummary
 from worker.payloads import Change
 from worker.plan import Action, FieldChange, Plan
@@ -364,6 +367,72 @@ def check_line(destination: str, is_ok: bool, message: str) -> str:
     return f"{escape(destination)}: {mark} {escape(message)}"
 
 
+def audience_definition(view: AudienceView) -> Text:
+    """`audiences show`: the audience as it would be written in the audiences file."""
+    document: dict[str, Any] = {
+        "key": view.key,
+        "name": view.name,
+        "source": view.source,
+        "schedule": view.schedule,
+        "destinations": list(view.destinations),
+    }
+    if view.rules is not None:
+        document["rules"] = view.rules
+        document["include_anonymous"] = view.include_anonymous
+    else:
+        document["query"] = view.query
+    if view.is_archived:
+        document["archived"] = True
+    text = yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=100)
+    return Text(text.rstrip("\n"))
+
+
+def compiled_audience(compiled: CompiledAudience) -> Text:
+    """`audiences show --sql`: the SQL the audience runs, its parameters as comments after
+    it (a rule audience's values never enter the SQL text)."""
+    if compiled.now is None:
+        header = f"-- {compiled.key}: the SQL audience's query ({compiled.dialect})"
+    else:
+        header = (
+            f"-- {compiled.key}: compiled for {compiled.dialect}, now = "
+            f"{compiled.now.isoformat()} (each run compiles it again for its own start)"
+        )
+    lines = [header, compiled.sql.strip() + ";"]
+    if compiled.params:
+        lines.append("-- parameters:")
+        lines += [f"--   :{name} = {_sql_value(value)}" for name, value in compiled.params.items()]
+    return Text("\n".join(lines))
+
+
+def _sql_value(value: Any) -> str:
+    """A parameter's value as it reads in SQL (shown, never spliced into the query)."""
+    if isinstance(value, datetime):
+        return repr(value.isoformat(" "))
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value)
+
+
+def audience_preview_lines(preview: Preview) -> list[RenderableType]:
+    """`audiences preview`: the member count, rows left out, and the sample."""
+    skipped = ", ".join(f"{reason} x{count}" for reason, count in sorted(preview.skipped.items()))
+    count = f"{preview.key}: {preview.members} members" + (
+        f" ({skipped} left out)" if skipped else ""
+    )
+    lines: list[RenderableType] = [Text(count)]
+    if preview.sample:
+        table = _table("user_id", "anonymous_id", "email")
+        for row in preview.sample:
+            member = Text(row.member_id)
+            table.add_row(
+                Text("") if row.is_anonymous else member,
+                member if row.is_anonymous else Text(""),
+                Text(row.email or ""),
+            )
+        lines.append(table)
+    return lines
+
+
 _PLAN_KINDS = ("source", "destination", "audience")
 _PLAN_ACTIONS = (Action.CREATE, Action.CHANGE, Action.REVIVE, Action.ARCHIVE)
 
@@ -373,6 +442,8 @@ def _plan_value(value: Any) -> str:
         return ", ".join(str(v) for v in value) or "none"
     if value is None:
         return "none"
+    if isinstance(value, dict):  # a rule audience's rules (or a source's layout), in a line
+        return json.dumps(value, ensure_ascii=False)
     # A query over several lines reads as one line in a plan (spacing never matters to it).
     return " ".join(str(value).split())
 
@@ -380,9 +451,9 @@ def _plan_value(value: Any) -> str:
 def _plan_change(change: FieldChange, *, is_new: bool) -> list[str]:
     if is_new:
         return [f"  {change.field}: {_plan_value(change.after)}"]
-    if change.field == "query":
+    if change.field in ("query", "rules"):
         return [
-            "  query:",
+            f"  {change.field}:",
             f"    - {_plan_value(change.before)}",
             f"    + {_plan_value(change.after)}",
         ]

@@ -208,7 +208,7 @@ class AudienceDetail:
     key: str
     name: str
     source: str
-    query: str
+    query: str | None  # None: a rule audience (its SQL is compiled from its rules)
     schedule: str
     destinations: tuple[str, ...]
     max_exit_fraction: float

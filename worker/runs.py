@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from models import AudienceDestination, SyncRun
 from worker import logs
+from worker.audiences import RuleDefinition, rule_definition
 from worker.context import ServiceContext
 from worker.domain import (
     PairScope,
@@ -74,11 +75,13 @@ class OpenedRun:
     source_name: str
     source_url: str
     source_timeout: float
-    query: str
+    query: str | None
     max_exit_fraction: float
     started: float  # time.monotonic() when the run was asked for
     # A full run: asked for, or owed by a full run of the pair that did not finish.
     is_full: bool = False
+    rules: RuleDefinition | None = None  # a rule audience: compiled when snapshotted
+    started_at: datetime | None = None  # the run's start: a rule audience's "now"
 
     def prepared(
         self,
@@ -181,6 +184,8 @@ class RunLifecycle:
                     timeout=opened.source_timeout,
                     run_id=opened.run_id,
                     progress=shown,
+                    rules=opened.rules,
+                    now=opened.started_at,
                 )
         except (SourceError, ConfigError) as exc:
             return self._end(opened, RunStatus.FAILED, str(exc))
@@ -303,6 +308,10 @@ class RunLifecycle:
                 max_exit_fraction=audience.max_exit_fraction,
                 started=started,
                 is_full=is_full,
+                rules=rule_definition(audience, audience_repo.all_audiences(session))
+                if audience.rules is not None
+                else None,
+                started_at=now,
             )
 
     def _plan(

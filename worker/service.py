@@ -12,6 +12,7 @@ from datetime import datetime
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker.archive import Archiver
+from worker.audiences import AudienceInspector, AudienceView, CompiledAudience, Preview
 from worker.catalog import Catalog
 from worker.config import Config
 from worker.context import RunEndHook, ServiceContext, ignore_run_end, utcnow
@@ -65,6 +66,7 @@ class SyncService:
         self._runs = RunLifecycle(self._ctx)
         self._delivery = Delivery(self._ctx, self._runs)
         self._archiver = Archiver(self._ctx, self._runs, self._delivery)
+        self._inspector = AudienceInspector(self._ctx)
 
     # ----------------------------------------------------------------- catalog
 
@@ -172,3 +174,16 @@ class SyncService:
         self, key: str, *, exit_members: bool, trigger: Trigger | str = Trigger.MANUAL
     ) -> list[RunSummary]:
         return self._archiver.archive(key, exit_members=exit_members, trigger=Trigger(trigger))
+
+    # ----------------------------------------------------------------- audience definitions
+
+    def show_audience(self, key: str) -> AudienceView:
+        return self._inspector.show(key)
+
+    def compiled_audience(self, key: str) -> CompiledAudience:
+        """The SQL the audience runs (a rule audience compiled now), with its parameters."""
+        return self._inspector.compiled(key)
+
+    def preview_audience(self, key: str, *, limit: int) -> Preview:
+        """The audience's members now, from its source; the state database is only read."""
+        return self._inspector.preview(key, limit=limit)

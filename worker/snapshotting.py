@@ -8,16 +8,18 @@ Both paths keep and count the same rows.
 
 import time
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy.orm import Session
 
+from worker.audiences import RuleDefinition, compile_rules
 from worker.config import resolve_source_url
 from worker.context import ServiceContext
 from worker.domain import Progress
 from worker.repositories import runs as run_repo
 from worker.repositories import snapshots as snapshot_repo
 from worker.repositories.dialect import is_postgresql
-from worker.sources import SourceRow, copy_rows, copy_statement, stream_source
+from worker.sources import AudienceQuery, SourceRow, copy_rows, copy_statement, stream_source
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,28 +36,35 @@ def take_snapshot(
     *,
     source_name: str,
     url_template: str,
-    query: str,
+    query: str | None,
     timeout: float,
     run_id: int | None = None,
     progress: Progress | None = None,
+    rules: RuleDefinition | None = None,
+    now: datetime | None = None,
 ) -> TakenSnapshot:
     """Load the source into a new snapshot's staging table, in one transaction: a source
     failure or a crash leaves no snapshot behind. The run (when given) is marked as the
     snapshot's reader in the same transaction, so its staging table is never taken for
-    one a dead run left. `progress` advances by the rows of each block read."""
+    one a dead run left. `progress` advances by the rows of each block read. A rule
+    audience (`rules`) is compiled first, for `now` (the run's start), and its SELECT
+    loaded as a query is."""
     began = time.monotonic()
     url = resolve_source_url(source_name, url_template, ctx.env)
+    statement: AudienceQuery = query or ""
+    if rules is not None:
+        statement = compile_rules(rules, url, now=now or ctx.clock())
     with ctx.unit_of_work() as session:
-        statement = None
+        copy = None
         if is_postgresql(session):
-            statement = copy_statement(url, query, timeout_seconds=timeout, source_name=source_name)
-        if statement is not None:
+            copy = copy_statement(url, statement, timeout_seconds=timeout, source_name=source_name)
+        if copy is not None:
             snapshot_id, members, skipped = _load_by_copy(
-                ctx, session, audience_id, url, statement, source_name, timeout, progress
+                ctx, session, audience_id, url, copy, source_name, timeout, progress
             )
         else:
             snapshot_id, members, skipped = _load_streamed(
-                ctx, session, audience_id, url, query, source_name, timeout, progress
+                ctx, session, audience_id, url, statement, source_name, timeout, progress
             )
         if run_id is not None:
             run_repo.update_run(session, run_id, snapshot_id=snapshot_id)
@@ -104,7 +113,7 @@ def _load_streamed(
     session: Session,
     audience_id: int,
     url: str,
-    query: str,
+    query: AudienceQuery,
     source_name: str,
     timeout: float,
     progress: Progress | None,

@@ -12,7 +12,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from sqlalchemy import URL, Connection, Engine, create_engine, make_url, text
+from sqlalchemy import (
+    URL,
+    Connection,
+    Engine,
+    Executable,
+    Select,
+    create_engine,
+    false,
+    make_url,
+    text,
+)
+from sqlalchemy import select as select_from
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
 from worker.db import with_postgres_driver
@@ -133,8 +144,17 @@ def _end_read_only(connection: Connection) -> None:
         connection.exec_driver_sql("PRAGMA query_only = OFF")
 
 
+# An audience's query: SQL text as written, or a rule audience's compiled SELECT (its values
+# bound parameters). Both take the same path from here on.
+AudienceQuery = str | Select[Any]
+
+
+def _statement(query: AudienceQuery) -> Executable:
+    return text(query) if isinstance(query, str) else query
+
+
 def stream_source(
-    url: str, query: str, *, timeout_seconds: float, fetch_size: int, source_name: str
+    url: str, query: AudienceQuery, *, timeout_seconds: float, fetch_size: int, source_name: str
 ) -> Iterator[list[SourceRow | str]]:
     """Run the audience query and yield cleaned rows in chunks (never the whole result).
 
@@ -150,7 +170,7 @@ def stream_source(
             try:
                 result = connection.execution_options(
                     stream_results=True, yield_per=fetch_size
-                ).execute(text(query))
+                ).execute(_statement(query))
                 columns = [str(c).lower() for c in list(result.keys())]
                 positions = _column_positions(columns, source_name)
                 for partition in result.partitions(fetch_size):
@@ -170,7 +190,9 @@ def stream_source(
 _COPY_SAFE_TYPES = {25, 1043, 21, 23, 20, 2950}
 
 
-def copy_statement(url: str, query: str, *, timeout_seconds: float, source_name: str) -> str | None:
+def copy_statement(
+    url: str, query: AudienceQuery, *, timeout_seconds: float, source_name: str
+) -> str | None:
     """The `COPY (...) TO STDOUT` statement that reads the query's user_id, anonymous_id and
     email as text, or None when the source cannot take the COPY path (not PostgreSQL, or a
     column whose text form could differ from the streamed path's).
@@ -187,6 +209,8 @@ def copy_statement(url: str, query: str, *, timeout_seconds: float, source_name:
         with engine.connect() as connection, connection.begin():
             _begin_read_only(connection, timeout_seconds)
             raw: Any = connection.connection.driver_connection
+            if not isinstance(query, str):
+                query = _client_bound(query, connection)
             with raw.cursor() as cursor:
                 # On lines of its own: a `--` comment ending the query must not hide the `)`.
                 cursor.execute(f"SELECT * FROM (\n{query}\n) AS q LIMIT 0")
@@ -213,6 +237,17 @@ def copy_statement(url: str, query: str, *, timeout_seconds: float, source_name:
         quoted = '"' + column.name.replace('"', '""') + '"'
         selected.append(f"q.{quoted}::text")
     return f"COPY (SELECT {', '.join(selected)} FROM (\n{query}\n) AS q) TO STDOUT"
+
+
+def _client_bound(query: Select[Any], connection: Connection) -> str:
+    """A compiled SELECT as SQL text for COPY, which takes no server-side parameters: its
+    values are bound by the driver, as psycopg binds a COPY's parameters, never pasted in
+    by this code."""
+    compiled = query.compile(
+        dialect=connection.dialect, compile_kwargs={"render_postcompile": True}
+    )
+    raw: Any = connection.connection.driver_connection
+    return psycopg.ClientCursor(raw).mogrify(str(compiled), compiled.params)
 
 
 def copy_rows(
@@ -278,15 +313,21 @@ def _copy_data(copy: Any, pgconn: Any) -> Iterator[memoryview]:
             return
 
 
-def check_query(url: str, query: str, *, timeout_seconds: float, source_name: str) -> list[str]:
+def check_query(
+    url: str, query: AudienceQuery, *, timeout_seconds: float, source_name: str
+) -> list[str]:
     """Run the query with no rows wanted, to refuse a broken one at `apply`; return columns."""
     engine = source_engine(url)
     try:
         with engine.connect() as connection, connection.begin():
             _begin_read_only(connection, timeout_seconds)
             try:
-                # On lines of its own: a `--` comment ending the query must not hide the `)`.
-                result = connection.execute(text(f"SELECT * FROM (\n{query}\n) AS q WHERE 1 = 0"))
+                if isinstance(query, str):
+                    # On lines of its own: a `--` comment ending the query must not hide the `)`.
+                    wrapped: Executable = text(f"SELECT * FROM (\n{query}\n) AS q WHERE 1 = 0")
+                else:
+                    wrapped = select_from(query.subquery("q")).where(false())
+                result = connection.execute(wrapped)
                 columns = [str(c).lower() for c in list(result.keys())]
                 result.close()
             finally:

@@ -169,6 +169,7 @@ def save_sources(session: Session, specs: Sequence[SourceSpec]) -> dict[str, Sou
         source = known.setdefault(spec.name, Source(name=spec.name))
         source.url = spec.url
         source.statement_timeout_seconds = spec.statement_timeout_seconds
+        source.layout = spec.layout_settings
         session.add(source)
     session.flush()
     return known
