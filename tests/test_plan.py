@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from worker.config import AudienceSpec, Config, DestinationSpec, SourceSpec
+from worker.config import AudienceSpec, Config, DestinationSpec, PairSpec, SourceSpec
+from worker.payloads import DEFAULT_SPACE_ID, SendAs
 from worker.plan import (
     Action,
     AudienceState,
@@ -287,3 +288,33 @@ def test_the_report_counts_a_revival_as_an_update() -> None:
 )
 def test_same_query(a: str, b: str, same: bool) -> None:
     assert same_query(a, b) is same
+
+
+@pytest.mark.parametrize(
+    ("output", "workspace", "changes"),
+    [
+        (PairSpec("local"), DEFAULT_SPACE_ID, ()),
+        (
+            PairSpec("local", SendAs.TRACK),
+            DEFAULT_SPACE_ID,
+            (FieldChange("destinations", ("local",), ("local (send_as: track)",)),),
+        ),
+        (
+            PairSpec("local", ortto_audience_name="VIPs"),
+            DEFAULT_SPACE_ID,
+            (FieldChange("destinations", ("local",), ("local (ortto_audience_name: VIPs)",)),),
+        ),
+        (
+            PairSpec("local"),
+            "spa_eu",
+            (FieldChange("space_id", DEFAULT_SPACE_ID, "spa_eu"),),
+        ),
+    ],
+)
+def test_how_an_audience_is_sent_shows_as_a_change(
+    output: PairSpec, workspace: str, changes: tuple[FieldChange, ...]
+) -> None:
+    desired = replace(_config(_spec("a", outputs=(output,))), space_id=workspace)
+    [item] = [i for i in compute_plan(_catalog(_state("a")), desired).items if i.kind == "audience"]
+    assert item.changes == changes
+    assert item.action == (Action.CHANGE if changes else Action.UNCHANGED)

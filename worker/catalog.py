@@ -18,6 +18,7 @@ from worker.plan import (
     Plan,
     SourceState,
     compute_plan,
+    describe_output,
 )
 from worker.repositories import alerts as alert_repo
 from worker.repositories import audiences as audience_repo
@@ -48,12 +49,19 @@ def _catalog_state(session: Session) -> CatalogState:
                 query=a.query,
                 schedule=a.schedule,
                 destinations=tuple(
-                    sorted(names[link.destination_id] for link in a.links if link.is_enabled)
+                    sorted(
+                        describe_output(
+                            names[link.destination_id], link.send_as, link.ortto_audience_name
+                        )
+                        for link in a.links
+                        if link.is_enabled
+                    )
                 ),
                 max_exit_fraction=a.max_exit_fraction,
                 is_archived=a.is_archived,
                 rules=a.rules,
                 include_anonymous=a.include_anonymous,
+                space_id=a.space_id,
             )
             for a in audience_repo.all_audiences(session)
         ),

@@ -10,6 +10,7 @@ from typing import Any
 from worker.config import Config
 from worker.domain import ApplyReport
 from worker.errors import ConfigError
+from worker.payloads import DEFAULT_SPACE_ID, SendAs
 
 
 class Action(enum.StrEnum):
@@ -39,7 +40,8 @@ class DestinationState:
 
 @dataclass(frozen=True, slots=True)
 class AudienceState:
-    """One audience as the catalog holds it (`destinations`: the enabled ones, by name)."""
+    """One audience as the catalog holds it (`destinations`: the enabled ones, each as
+    `describe_output` writes it, so a change of how it is sent shows in the plan)."""
 
     key: str
     name: str
@@ -51,6 +53,7 @@ class AudienceState:
     is_archived: bool
     rules: Any = None  # a rule audience's rules, as written
     include_anonymous: bool = False
+    space_id: str = DEFAULT_SPACE_ID
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +128,7 @@ AUDIENCE_FIELDS = (
     ("schedule", "schedule"),
     ("destinations", "destinations"),
     ("guard", "max_exit_fraction"),
+    ("space_id", "space_id"),
 )
 
 
@@ -199,6 +203,15 @@ def _item(kind: str, name: str, *, is_new: bool, changes: tuple[FieldChange, ...
     return ItemPlan(kind, name, Action.CHANGE if changes else Action.UNCHANGED, changes)
 
 
+def describe_output(name: str, send_as: str, ortto_audience_name: str | None) -> str:
+    """One destination of an audience as a plan shows it: its name, and how it is sent when
+    that is not the default (`segment (send_as: track)`)."""
+    extras = [f"send_as: {send_as}"] if send_as != SendAs.IDENTIFY else []
+    if ortto_audience_name is not None:
+        extras.append(f"ortto_audience_name: {ortto_audience_name}")
+    return f"{name} ({', '.join(extras)})" if extras else name
+
+
 def _audience_values(audience: AudienceState) -> dict[str, Any]:
     values = {label: getattr(audience, attribute) for label, attribute in AUDIENCE_FIELDS}
     values["destinations"] = tuple(sorted(audience.destinations))
@@ -217,11 +230,15 @@ def _audience_items(current: Sequence[AudienceState], desired: Config) -> list[I
                 source=spec.source,
                 query=spec.query,
                 schedule=spec.schedule,
-                destinations=spec.destinations,
+                destinations=tuple(
+                    describe_output(o.name, o.send_as, o.ortto_audience_name) for o in spec.outputs
+                )
+                or spec.destinations,
                 max_exit_fraction=spec.max_exit_fraction,
                 is_archived=False,
                 rules=spec.rules,
                 include_anonymous=spec.include_anonymous,
+                space_id=desired.space_id,
             )
         )
         old_audience = known.get(spec.key)
