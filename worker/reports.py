@@ -19,6 +19,7 @@ from worker.repositories import monitoring as monitoring_repo
 from worker.repositories import runs as run_repo
 from worker.repositories import snapshots as snapshot_repo
 from worker.repositories import synced as synced_repo
+from worker.repositories.synced import SyncedState
 from worker.scheduling import next_due, parse_schedule
 
 
@@ -475,50 +476,77 @@ class ReportService:
                 by_audience.setdefault(pair.audience_id, []).append(
                     (pair.destination_id, pair.destination.name)
                 )
+            # A fixed number of statements whatever the number of audiences: each reads
+            # every pair at once through a key that starts with audience_id and ends with
+            # member_id, so the console's user page stays fast with many audiences.
+            audience_ids = list(by_audience)
+            latest = snapshot_repo.latest_snapshots(session, audience_ids)
+            current = snapshot_repo.current_entries(session, audience_ids, user_id)
+            synced = synced_repo.member_states(session, audience_ids, user_id)
+            failing = failure_repo.failing_member_of_pairs(session, audience_ids, user_id)
+            histories = snapshot_repo.member_histories(session, audience_ids, user_id, current)
             return [
-                self._standing(session, audience_id, keys[audience_id], destinations, user_id)
+                _standing(
+                    keys[audience_id],
+                    destinations,
+                    latest=latest.get(audience_id),
+                    is_member=audience_id in current,
+                    synced={
+                        d: synced[(audience_id, d)]
+                        for d, _ in destinations
+                        if (audience_id, d) in synced
+                    },
+                    failing={
+                        d: failing[(audience_id, d)]
+                        for d, _ in destinations
+                        if (audience_id, d) in failing
+                    },
+                    history=histories.get(audience_id, []),
+                )
                 for audience_id, destinations in by_audience.items()
             ]
 
-    @staticmethod
-    def _standing(
-        session: Session,
-        audience_id: int,
-        key: str,
-        destinations: list[tuple[int, str]],
-        user_id: str,
-    ) -> AudienceStanding:
-        latest = snapshot_repo.latest_membership(session, audience_id, user_id)
-        is_member = None if latest is None else latest[2]
-        standings = []
-        for destination_id, name in destinations:
-            synced = synced_repo.member_state(session, audience_id, destination_id, user_id)
-            failing = failure_repo.failing_member(session, audience_id, destination_id, user_id)
-            accepted = None if synced is None else synced.is_member
-            in_doubt = failing is not None and failing.consecutive_failures == 0
-            owed = owed_value(is_member, accepted, is_in_doubt=in_doubt)
-            standings.append(
-                DestinationStanding(
-                    destination=name,
-                    accepted_value=accepted,
-                    accepted_run_id=None if synced is None else synced.run_id,
-                    accepted_at=None if synced is None else synced.updated_at,
-                    owed_value=owed,
-                    is_in_doubt=in_doubt,
-                    is_failing=failing is not None and failing.consecutive_failures > 0,
-                    is_quarantined=failing is not None and failing.is_quarantined,
-                    rejections=0 if failing is None else failing.consecutive_failures,
-                    last_message=None if failing is None else failing.last_message,
-                )
+
+def _standing(
+    key: str,
+    destinations: list[tuple[int, str]],
+    *,
+    latest: tuple[int, datetime] | None,
+    is_member: bool,
+    synced: Mapping[int, SyncedState],
+    failing: Mapping[int, FailingMember],
+    history: list[tuple[datetime, bool]],
+) -> AudienceStanding:
+    """One audience's standing from what `explain` read for all of them; `synced` and
+    `failing` are keyed by destination id. Membership is unknown before a first snapshot."""
+    member = None if latest is None else is_member
+    standings = []
+    for destination_id, name in destinations:
+        state = synced.get(destination_id)
+        failure = failing.get(destination_id)
+        accepted = None if state is None else state.is_member
+        in_doubt = failure is not None and failure.consecutive_failures == 0
+        standings.append(
+            DestinationStanding(
+                destination=name,
+                accepted_value=accepted,
+                accepted_run_id=None if state is None else state.run_id,
+                accepted_at=None if state is None else state.updated_at,
+                owed_value=owed_value(member, accepted, is_in_doubt=in_doubt),
+                is_in_doubt=in_doubt,
+                is_failing=failure is not None and failure.consecutive_failures > 0,
+                is_quarantined=failure is not None and failure.is_quarantined,
+                rejections=0 if failure is None else failure.consecutive_failures,
+                last_message=None if failure is None else failure.last_message,
             )
-        history = snapshot_repo.member_history(session, audience_id, user_id)
-        return AudienceStanding(
-            audience=key,
-            is_member=is_member,
-            snapshot_at=None if latest is None else latest[1],
-            destinations=tuple(standings),
-            history=tuple(MembershipChange(at, member) for at, member in history),
         )
+    return AudienceStanding(
+        audience=key,
+        is_member=member,
+        snapshot_at=None if latest is None else latest[1],
+        destinations=tuple(standings),
+        history=tuple(MembershipChange(at, entered) for at, entered in history),
+    )
 
 
 def owed_value(is_member: bool | None, accepted: bool | None, *, is_in_doubt: bool) -> bool | None:
