@@ -21,12 +21,12 @@ demo: install
 chromium:
 	@test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
 
-# Needs PostgreSQL and Redis on localhost (see README, "Tests").
+# Needs PostgreSQL, Redis, MariaDB and RabbitMQ on localhost (see README, "Tests").
 test: install chromium
 	$(BIN)/pytest
 
 # The tests that need no server (neither PostgreSQL, Redis, MariaDB nor RabbitMQ).
-test-sqlite: install
+test-sqlite: install chromium
 	$(BIN)/pytest -m "not postgres and not redis and not mariadb and not rabbitmq"
 
 lint: install
