@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select, text
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from starlette.testclient import TestClient
@@ -78,6 +79,45 @@ def test_pages_show_the_history(synced: Runtime, console_reports: ReportService)
     filtered = client.get("/?status=partial")
     assert filtered.text.count('class="audience"') == 1
     assert client.get("/?status=succeeded").text.count('class="audience"') == 1
+
+
+def test_run_timings_per_phase_are_recorded_scraped_and_shown(
+    synced: Runtime, console_reports: ReportService
+) -> None:
+    """A delivered run records how long its snapshot, diff and delivery took; /metrics
+    gives the latest run's as `phase` series and the Run page shows them."""
+    with synced.sessions() as session:
+        runs = session.scalars(select(SyncRun).order_by(SyncRun.id)).all()
+    assert runs
+    for run in runs:
+        assert run.snapshot_seconds is not None and run.snapshot_seconds > 0
+        assert run.diff_seconds is not None and run.diff_seconds > 0
+        assert run.delivery_seconds is not None and run.delivery_seconds >= 0
+        assert run.finished_at is not None and run.delivery_started_at is not None
+        assert run.delivery_seconds == pytest.approx(
+            (run.finished_at - run.delivery_started_at).total_seconds()
+        )
+        phases = run.snapshot_seconds + run.diff_seconds + run.delivery_seconds
+        assert phases <= (run.finished_at - run.started_at).total_seconds() + 1e-3
+    client = client_for(console_reports)
+    scraped = client.get("/metrics")
+    assert scraped.status_code == 200
+    durations = {
+        (sample.labels["audience"], sample.labels["phase"]): sample.value
+        for family in text_string_to_metric_families(scraped.text)
+        for sample in family.samples
+        if sample.name == "audience_sync_run_duration_seconds"
+    }
+    loyal = next(r for r in runs if r.failed)
+    assert durations[("loyal", "snapshot")] == pytest.approx(loyal.snapshot_seconds)
+    assert durations[("loyal", "diff")] == pytest.approx(loyal.diff_seconds)
+    assert durations[("loyal", "delivery")] == pytest.approx(loyal.delivery_seconds)
+    assert ("loyal", "total") in durations
+    page = client.get(f"/runs/{loyal.id}")
+    assert page.status_code == 200
+    for phase in ("snapshot", "diff", "delivery"):
+        seconds = getattr(loyal, f"{phase}_seconds")
+        assert f'<dd class="{phase}-seconds">{seconds:.2f} s</dd>' in page.text
 
 
 def test_user_lookup_shows_what_explain_shows(

@@ -76,6 +76,14 @@ def test_metrics_equal_the_history(
     assert owed == 2
     assert samples[("audience_sync_owed_changes", loyal)] == 1
     assert samples[("audience_sync_quarantined_users", loyal)] == 0
+    # The failed run never read its source: no phase series, only its total.
+    for phase in ("snapshot", "diff", "delivery"):
+        assert ("audience_sync_run_duration_seconds", pair("few", "ortto", phase=phase)) not in (
+            samples
+        )
+    assert samples[
+        ("audience_sync_run_duration_seconds", pair("loyal", "ortto", phase="snapshot"))
+    ] == pytest.approx(runs[2].snapshot_seconds)
     duration = samples[("audience_sync_run_duration_seconds", pair("few", "ortto", phase="total"))]
     assert duration == pytest.approx(
         (runs[3].finished_at - runs[3].started_at).total_seconds()  # type: ignore[operator]

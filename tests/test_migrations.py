@@ -71,3 +71,20 @@ def test_the_observability_migration_goes_down_and_up(state_url: str) -> None:
     tables, indexes = names()
     assert ours <= tables and "ix_sync_runs_pair_status" in indexes
     test_models_match_migrations(state_url)
+
+
+def test_the_phase_timings_migration_goes_down_and_up(state_url: str) -> None:
+    """0009 adds the run timings per phase to sync_runs; its downgrade removes them."""
+
+    def columns() -> set[str]:
+        engine = create_engine(state_url)
+        names = {c["name"] for c in inspect(engine).get_columns("sync_runs")}
+        engine.dispose()
+        return names
+
+    ours = {"snapshot_seconds", "diff_seconds", "delivery_seconds", "delivery_started_at"}
+    db.downgrade(state_url, "0008")
+    assert not ours & columns() and "cancel_requested_at" in columns()
+    db.upgrade(state_url)
+    assert ours <= columns()
+    test_models_match_migrations(state_url)

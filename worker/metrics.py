@@ -58,7 +58,8 @@ def metric_families(report: MetricsReport) -> list[Metric]:
     )
     duration = GaugeMetricFamily(
         "audience_sync_run_duration_seconds",
-        "How long the pair's latest finished run took, start to end (phase `total`).",
+        "How long the pair's latest run took: per phase (snapshot, diff, delivery) and, "
+        "once finished, start to end (phase `total`).",
         labels=[*PAIR, "phase"],
     )
     for pair in report.pairs:
@@ -78,6 +79,9 @@ def metric_families(report: MetricsReport) -> list[Metric]:
         owed.add_metric(labels, pair.owed)
         if pair.last_duration_seconds is not None:
             duration.add_metric([*labels, "total"], pair.last_duration_seconds)
+        for phase, seconds in pair.last_phase_seconds.items():
+            if seconds is not None:
+                duration.add_metric([*labels, phase], seconds)
     for audience, count in sorted(report.members.items()):
         members.add_metric([audience], count)
     return [last_success, last_status, members, runs, sent, failed, quarantined, owed, duration]

@@ -2,7 +2,7 @@
 frozen values; no ORM object leaves this module."""
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import MappingProxyType
 from typing import TypedDict
@@ -86,6 +86,10 @@ class RunRecord:
     host: str | None = None
     pid: int | None = None
     task_id: str | None = None
+    # Timings per phase (None: the run did not reach the phase, or predates their record).
+    snapshot_seconds: float | None = None
+    diff_seconds: float | None = None
+    delivery_seconds: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +182,10 @@ class PairMetrics:
     calls_failed: int
     quarantined: int
     owed: int  # failing users not quarantined, and users in doubt: still to be sent
+    # The latest run's timings per phase (None: not reached, or not finished).
+    last_phase_seconds: Mapping[str, float | None] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,6 +328,7 @@ class ReportService:
                         calls_failed=sum(failed for _, _, failed in statuses.values()),
                         quarantined=failing.get((a, d, True), 0),
                         owed=failing.get((a, d, False), 0),
+                        last_phase_seconds=_phases(run) if run else MappingProxyType({}),
                     )
                 )
             return MetricsReport(
@@ -582,6 +591,17 @@ def _duration(run: SyncRun) -> float | None:
     return (run.finished_at - run.started_at).total_seconds()
 
 
+def _phases(run: SyncRun) -> Mapping[str, float | None]:
+    """A run's timings per phase, by the `phase` label the metrics give them."""
+    return MappingProxyType(
+        {
+            "snapshot": run.snapshot_seconds,
+            "diff": run.diff_seconds,
+            "delivery": run.delivery_seconds,
+        }
+    )
+
+
 def _check_audience(session: Session, audience_key: str | None) -> None:
     if audience_key is not None and audience_repo.audience_by_key(session, audience_key) is None:
         raise NotFoundError(
@@ -608,4 +628,7 @@ def _record(run: SyncRun, audience_key: str, destination_name: str) -> RunRecord
         host=run.host,
         pid=run.pid,
         task_id=run.task_id,
+        snapshot_seconds=run.snapshot_seconds,
+        diff_seconds=run.diff_seconds,
+        delivery_seconds=run.delivery_seconds,
     )

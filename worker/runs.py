@@ -351,6 +351,8 @@ class RunLifecycle:
                 entered=entered,
                 exited=to_exit,
                 skipped_rows=snapshot.skipped,
+                snapshot_seconds=snapshot.seconds,
+                diff_seconds=seconds,
             )
             block = (
                 None
@@ -372,9 +374,11 @@ class RunLifecycle:
             else:
                 # Only the difference from the current membership is written; the staging
                 # table stays until the run ends (see end_run).
-                snapshot_repo.apply_snapshot(
-                    session, audience_id, snapshot.snapshot_id, now=self._ctx.clock()
-                )
+                now = self._ctx.clock()
+                snapshot_repo.apply_snapshot(session, audience_id, snapshot.snapshot_id, now=now)
+                # Delivery (the destination's preparation included) is timed from here to
+                # the run's end, by whichever process ends it.
+                run_repo.update_run(session, opened.run_id, delivery_started_at=now)
                 self._ctx.crash_point("writing_change_log")
         return Plan(to_enter, to_exit, has_failing, block, seconds)
 
@@ -527,6 +531,7 @@ class RunLifecycle:
             )
             if is_closing:
                 audience_repo.release_lock(session, pair_id, owner)
+                run_repo.record_delivery_seconds(session, run_id, finished_at=now)
             # Read once, after the close: the outcome as stored, this one or the first.
             run = run_repo.get_run(session, run_id)
             pair = audience_repo.pair_by_id(session, pair_id)

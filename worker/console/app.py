@@ -65,6 +65,7 @@ def _templates() -> Environment:
     )
     environment.filters["when"] = _when
     environment.filters["seconds"] = _seconds
+    environment.filters["phase_seconds"] = _phase_seconds
     environment.globals["sparkline"] = svg.sparkline
     return environment
 
@@ -77,6 +78,13 @@ def _seconds(value: float | None) -> str:
     if value is None:
         return "running"
     return f"{value:.1f} s" if value < 120 else f"{value / 60:.1f} min"
+
+
+def _phase_seconds(value: float | None) -> str:
+    # A phase is short next to a run: two decimals, so a fast diff does not show as 0.0.
+    if value is None:
+        return "not reached"
+    return f"{value:.2f} s" if value < 120 else f"{value / 60:.1f} min"
 
 
 class _TokenCheck(BaseHTTPMiddleware):
