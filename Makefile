@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-sqlite lint format typecheck bench clean
+.PHONY: install demo test test-sqlite lint format typecheck bench chromium clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,12 +17,16 @@ install: $(STAMP)
 demo: install
 	$(BIN)/audience-sync demo
 
-# Needs PostgreSQL and Redis on localhost (see README, "Tests").
-test: install
+# The console's browser tests drive the system's Chromium (Debian's `chromium` package).
+chromium:
+	@test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
+
+# Needs PostgreSQL, Redis, MariaDB and RabbitMQ on localhost (see README, "Tests").
+test: install chromium
 	$(BIN)/pytest
 
 # The tests that need no server (neither PostgreSQL, Redis, MariaDB nor RabbitMQ).
-test-sqlite: install
+test-sqlite: install chromium
 	$(BIN)/pytest -m "not postgres and not redis and not mariadb and not rabbitmq"
 
 lint: install

@@ -7,6 +7,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -69,6 +70,13 @@ class SyncRun(Base):
     task_id: Mapped[str | None] = mapped_column(String(255))
     # Set by `runs cancel`: the run stops at its next page boundary.
     cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Timings per phase (None: the run did not reach the phase). Delivery is timed from
+    # `delivery_started_at` to the run's end, whichever process ends it (a fan-out's last
+    # chunk included).
+    snapshot_seconds: Mapped[float | None] = mapped_column(Float)
+    diff_seconds: Mapped[float | None] = mapped_column(Float)
+    delivery_seconds: Mapped[float | None] = mapped_column(Float)
+    delivery_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class RunChange(Base):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from models import SyncRun
 from worker.domain import ChunkRange, FanOut, RunSummary, SyncRequest, chunk_ranges
 from worker.runtime import Runtime, build_runtime
 from worker.service import SyncService
@@ -105,6 +106,16 @@ def test_chunks_delivered_in_any_order_send_each_change_once(
     assert again == late_failure == summary
     assert len([r for r in caplog.records if "sync finished" in r.getMessage()]) == 1
     assert not service.status()[0].is_running
+    # The run closed by its fan-out's callback has its delivery timed, from the end of its
+    # diff to that close.
+    with chunked_runtime.sessions() as session:
+        run = session.get(SyncRun, summary.run_id)
+        assert run is not None and run.finished_at and run.delivery_started_at
+        assert run.snapshot_seconds is not None and run.diff_seconds is not None
+        assert run.delivery_seconds == pytest.approx(
+            (run.finished_at - run.delivery_started_at).total_seconds()
+        )
+        assert run.delivery_seconds > 0
 
 
 def test_is_due_follows_the_schedule_not_the_lock(

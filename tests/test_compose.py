@@ -16,7 +16,7 @@ COMPOSE_VALUES = "\n".join(
     line for line in COMPOSE_TEXT.splitlines() if not line.lstrip().startswith("#")
 )
 SERVICES: dict[str, Any] = COMPOSE["services"]
-APP_SERVICES = ("migrate", "apply", "worker", "beat", "flower")
+APP_SERVICES = ("migrate", "apply", "worker", "beat", "flower", "console")
 _INTERPOLATION = re.compile(r"\$\{([^}]*)\}")
 
 
@@ -50,6 +50,7 @@ def test_backing_services_have_healthchecks(service: str, probe: str) -> None:
         ("worker", ["celery", "-A", "worker", "worker"]),
         ("beat", ["celery", "-A", "worker", "beat"]),
         ("flower", ["celery", "-A", "worker", "flower"]),
+        ("console", ["audience-sync", "console", "--host", "0.0.0.0", "--port", "8080"]),
     ],
 )
 def test_commands(service: str, command: list[str]) -> None:
@@ -65,7 +66,7 @@ def test_workers_log_the_end_of_run_lines() -> None:
 def test_one_shot_services_do_not_restart() -> None:
     for service in ("migrate", "apply"):
         assert SERVICES[service]["restart"] == "no"
-    for service in ("postgres", "redis", "worker", "beat", "flower"):
+    for service in ("postgres", "redis", "worker", "beat", "flower", "console"):
         assert SERVICES[service]["restart"] == "unless-stopped"
 
 
@@ -91,6 +92,10 @@ def test_one_shot_services_do_not_restart() -> None:
             },
         ),
         ("flower", {"redis": "service_healthy"}),
+        (
+            "console",
+            {"postgres": "service_healthy", "migrate": "service_completed_successfully"},
+        ),
     ],
 )
 def test_start_order(service: str, expected: dict[str, str]) -> None:
@@ -117,7 +122,12 @@ def test_secrets_are_required_from_the_environment() -> None:
         assert separator and message.strip(), f"${{{reference}}} must be ${{VAR:?message}}"
         assert re.fullmatch(r"[A-Z][A-Z0-9_]*", name)
     names = {r.partition(":?")[0] for r in references}
-    assert {"POSTGRES_PASSWORD", "SHOP_DATABASE_URL", "ORTTO_API_KEY"} <= names
+    assert {
+        "POSTGRES_PASSWORD",
+        "SHOP_DATABASE_URL",
+        "ORTTO_API_KEY",
+        "AUDIENCE_SYNC_CONSOLE_TOKEN",
+    } <= names
     assert "${POSTGRES_PASSWORD:?" in SERVICES["postgres"]["environment"]["POSTGRES_PASSWORD"]
 
 
@@ -130,6 +140,19 @@ def test_no_secret_written_in_the_file() -> None:
 
 def test_flower_is_published_on_this_machine_only() -> None:
     assert SERVICES["flower"]["ports"] == ["127.0.0.1:5555:5555"]
+
+
+def test_console_is_published_on_this_machine_only_and_requires_its_token() -> None:
+    console = SERVICES["console"]
+    assert console["ports"] == ["127.0.0.1:8080:8080"]
+    # It binds every interface of its container: the token is required, from the environment.
+    assert console["environment"]["AUDIENCE_SYNC_CONSOLE_TOKEN"].startswith(
+        "${AUDIENCE_SYNC_CONSOLE_TOKEN:?"
+    )
+    # The other services never see the token.
+    for name in APP_SERVICES:
+        if name != "console":
+            assert "AUDIENCE_SYNC_CONSOLE_TOKEN" not in SERVICES[name]["environment"]
 
 
 def test_state_survives_restarts() -> None:

@@ -119,7 +119,8 @@ def test_run_json_keeps_every_field_in_order() -> None:
     assert list(record) == [
         "id", "audience", "destination", "mode", "trigger", "status", "started_at",
         "finished_at", "members", "entered", "exited", "sent", "failed", "skipped_rows",
-        "error", "duration_seconds", "host", "pid", "task_id",
+        "error", "duration_seconds", "host", "pid", "task_id", "snapshot_seconds",
+        "diff_seconds", "delivery_seconds",
     ]  # fmt: skip
     assert record["started_at"] == "2026-11-28T09:30:15.123456+00:00"
     assert record["finished_at"] is None

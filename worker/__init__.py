@@ -29,7 +29,13 @@ Module map (one line each; the service's parts run top to bottom of a run):
     plan           the plan of an apply (create, change, revive, archive) and its refusals
     catalog        apply a configuration, select pairs, status, checks, reads
     service        SyncService, the one door the CLI, tasks, demo and bench call
-    reports        the read side the CLI shows: audiences, history, runs, failures, explain
+    reports        the read side the CLI and the console show: audiences, history, runs,
+                   failures, explain, metrics, the overview, health
+    alerts         alert webhooks: a pair's state changes, stale pairs, the dispatcher's tick
+    webhooks       posting an alert: one JSON POST, retried, never raising
+    metrics        Prometheus metrics computed from the state database at scrape time
+    logs           log lines, text or JSON, carrying the run's id, audience and destination
+    console/       the read-only web console: Starlette app, templates, SVG charts
     render         how summaries, statuses and runs look (shared by the CLI and the demo)
     runtime        per-process wiring: engine, sessions, destination pool, service
     celery         the Celery app and its limits
@@ -46,4 +52,6 @@ Module map (one line each; the service's parts run top to bottom of a run):
       synced       synced_members: what each destination accepted
       failures     failing_members and delivery_failures: rejections, quarantine, doubt
       runs         sync_runs: runs, counters, outcomes, history
+      alerts       alert_channels, alert_states, alerts_sent, heartbeats
+      monitoring   read-only aggregates of runs and failing users (metrics, console)
 """

@@ -20,6 +20,7 @@ from worker.plan import (
     compute_plan,
     describe_output,
 )
+from worker.repositories import alerts as alert_repo
 from worker.repositories import audiences as audience_repo
 from worker.repositories import runs as run_repo
 from worker.runs import pair_run_state
@@ -147,6 +148,7 @@ class Catalog:
                 )
             for audience in existing.values():
                 audience_repo.archive_audience(session, audience, now=now)
+            alert_repo.save_channels(session, config.alerts)
         return plan.report()
 
     def _check_queries(self, config: Config) -> None:

@@ -1,7 +1,6 @@
 """The `audience-sync` command line: thin commands that call the service."""
 
 import json
-import logging
 import os
 import signal
 import sys
@@ -26,6 +25,7 @@ from worker.config import load_config
 from worker.domain import NoProgress, Progress, RunStatus, RunSummary, SyncRequest, Trigger
 from worker.errors import AudienceSyncError
 from worker.locking import PROCESS_STOP
+from worker.logs import configure as configure_logs
 from worker.payloads import Change
 from worker.reports import ReportService
 from worker.runtime import Runtime, build_runtime
@@ -50,6 +50,10 @@ app.add_typer(db_app, name="db")
 app.add_typer(audiences_app, name="audiences")
 app.add_typer(runs_app, name="runs")
 app.add_typer(destinations_app, name="destinations")
+metrics_app = typer.Typer(no_args_is_help=True, help="Prometheus metrics.")
+app.add_typer(metrics_app, name="metrics")
+alerts_app = typer.Typer(no_args_is_help=True, help="Alert webhooks (the `alerts:` section).")
+app.add_typer(alerts_app, name="alerts")
 
 # Wider than any line: piped output is never cut or wrapped, whatever COLUMNS says.
 PIPED_WIDTH = 100_000
@@ -647,6 +651,61 @@ def destinations_check(
         raise typer.Exit(1)
 
 
+@alerts_app.command("test")
+def alerts_test(
+    name: Annotated[str | None, typer.Argument(help="One alert (default: all).")] = None,
+) -> None:
+    """Post a test message to each alert webhook (or the named one), now."""
+    with _runtime() as runtime:
+        outcomes = runtime.alerts.send_test(name)
+    for sent in outcomes:
+        result = sent.outcome
+        if result.is_delivered:
+            out.console.print(f"{escape(sent.channel)}: delivered", highlight=False)
+        else:
+            out.console.print(
+                f"{escape(sent.channel)}: not delivered after {result.attempts} attempt(s): "
+                f"{escape(result.error or '')}",
+                highlight=False,
+                soft_wrap=True,
+            )
+    if not all(sent.outcome.is_delivered for sent in outcomes):
+        raise typer.Exit(1)
+
+
+@metrics_app.command("serve")
+def metrics_serve(
+    port: Annotated[int, typer.Option(help="The port to listen on.")] = 9464,
+    host: Annotated[str, typer.Option(help="The address to listen on.")] = "127.0.0.1",
+) -> None:
+    """Serve the metrics for Prometheus at http://HOST:PORT/metrics (computed from the state
+    database at each scrape)."""
+    from worker.metrics import registry_for, serve
+
+    with _reports() as reports:
+        out.console.print(f"serving metrics on http://{host}:{port}/metrics", highlight=False)
+        serve(registry_for(reports), host=host, port=port)
+
+
+@app.command()
+def console(
+    host: Annotated[
+        str, typer.Option(help="The address to listen on (beyond this machine: set a token).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="The port to listen on.")] = 8080,
+) -> None:
+    """Serve the read-only web console (overview, audiences, runs, users, failures,
+    /healthz, /metrics). Listening beyond this machine needs AUDIENCE_SYNC_CONSOLE_TOKEN."""
+    from worker.console.app import check_bind
+    from worker.console.server import console_token, run_console
+
+    with _errors():
+        settings = get_settings()
+        check_bind(host, console_token(settings))
+        db.check_schema(settings.database_url)
+    run_console(settings, host=host, port=port)
+
+
 @app.command()
 def demo(
     directory: Annotated[Path, typer.Option("--dir", help="Where the demo writes.")] = Path(
@@ -660,10 +719,18 @@ def demo(
         run_demo(directory, out.console)
 
 
+def _log_format() -> str:
+    # A bad setting is told by the command that reads the settings, in its own words.
+    try:
+        return get_settings().log_format
+    except ValidationError:
+        return "text"
+
+
 def main() -> None:
     """The entry point: what no command turned into a line of its own (a bug, most likely)
     is still one line, with the traceback behind `--debug`."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    configure_logs(_log_format())
     try:
         app()
     except Exception as exc:

@@ -6,12 +6,13 @@ this module adds the file's line numbers to what it reports.
 The result is a plain `Config` value; nothing here touches the state database.
 """
 
+import dataclasses
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import sqlparse
 import yaml
@@ -33,6 +34,7 @@ from worker.destinations.registry import (
     settings_class,
 )
 from worker.destinations.settings import describe_error
+from worker.domain import AlertEvent
 from worker.envrefs import has_env_ref, resolve_env
 from worker.errors import ConfigError
 from worker.keys import audience_key, validate_pinned_key
@@ -99,11 +101,19 @@ class WorkspaceModel(_Strict):
 Name = Annotated[str, StringConstraints(min_length=1, max_length=100)]
 
 
+class AlertModel(_Strict):
+    name: Name
+    url: str = Field(min_length=1)
+    on: list[AlertEvent] = Field(default_factory=lambda: list(AlertEvent), min_length=1)
+    audiences: list[str] | None = None
+
+
 class ConfigModel(_Strict):
     workspace: WorkspaceModel | None = None
     sources: dict[Name, SourceModel] = Field(default_factory=dict)
     destinations: dict[Name, dict[str, Any]] = Field(default_factory=dict)
     audiences: list[AudienceModel] = Field(default_factory=list)
+    alerts: list[AlertModel] = Field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +167,16 @@ class AudienceSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class AlertSpec:
+    """A webhook of the `alerts:` section."""
+
+    name: str
+    url: str  # template: `${VAR}` references kept, resolved when an alert is sent
+    events: tuple[AlertEvent, ...]
+    audience_keys: tuple[str, ...] | None  # None: every audience
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     sources: tuple[SourceSpec, ...]
     destinations: tuple[DestinationSpec, ...]
@@ -166,6 +186,7 @@ class Config:
     # Where the file came from, to name the line of a problem found after loading (`apply`).
     path: Path | None = None
     root: yaml.Node | None = field(default=None, compare=False, repr=False)
+    alerts: tuple[AlertSpec, ...] = ()
 
     def locate(self, *loc: int | str) -> str:
         """`FILE (line N)` of the YAML node at `loc` (as far as it goes), for messages."""
@@ -309,6 +330,7 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
         raise ConfigError(
             f"{path}: the top level must be a mapping with sources, destinations and audiences"
         )
+    _alerts_on_key(data)
     try:
         model = ConfigModel.model_validate(data)
     except ValidationError as exc:
@@ -316,7 +338,9 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
         line = _line_of(root, error["loc"])
         at = f" (line {line})" if line else ""
         raise ConfigError(f"{path}{at}: {describe_error(exc)[1]}") from None
-    return _build(model, env, root, path)
+    config = _build(model, env, root, path)
+    alerts = _build_alerts(model, config, env, root, path)
+    return dataclasses.replace(config, alerts=alerts)
 
 
 def _build(
@@ -524,6 +548,55 @@ def _rule_error(
         at, reason = "rules", str(exc)
     where = _where(path, root, ("audiences", index, *_loc_of(at)))
     return ConfigError(f"{where}: audiences[{index}] ({name!r}).{at}: {reason}")
+
+
+def _alerts_on_key(data: dict[Any, Any]) -> None:
+    """YAML 1.1 reads a bare `on:` key as the boolean true: give it its name back."""
+    alerts = data.get("alerts")
+    if isinstance(alerts, list):
+        for alert in alerts:
+            if isinstance(alert, dict) and True in alert:
+                alert["on"] = alert.pop(True)
+
+
+ALERT_URL_SCHEMES = ("http", "https")
+
+
+def _build_alerts(
+    model: ConfigModel, config: Config, env: Mapping[str, str], root: yaml.Node | None, path: Path
+) -> tuple[AlertSpec, ...]:
+    """The `alerts:` section, checked: an http(s) URL once `${VAR}` is resolved, known
+    audience keys, no name twice."""
+    keys = {a.key for a in config.audiences}
+    alerts: list[AlertSpec] = []
+    for index, alert in enumerate(model.alerts):
+
+        def fail(field: str, reason: str, index: int = index, name: str = alert.name) -> NoReturn:
+            line = _line_of(root, ("alerts", index, field))
+            at = f" (line {line})" if line else ""
+            raise ConfigError(f"{path}{at}: alerts[{index}] ({name!r}).{field}: {reason}")
+
+        if any(a.name == alert.name for a in alerts):
+            fail("name", "another alert has this name")
+        try:
+            url = str(resolve_env(alert.url, env, f"alerts[{index}].url"))
+        except ConfigError as exc:
+            fail("url", str(exc))
+        scheme, _, rest = url.partition("://")
+        if scheme.lower() not in ALERT_URL_SCHEMES or not rest.strip("/"):
+            fail("url", "must be an http:// or https:// URL (a secret one as '${VAR}')")
+        for key in alert.audiences or ():
+            if key not in keys:
+                fail("audiences", f"unknown audience key {key!r}; keys: {', '.join(sorted(keys))}")
+        alerts.append(
+            AlertSpec(
+                name=alert.name,
+                url=alert.url,
+                events=tuple(dict.fromkeys(alert.on)),
+                audience_keys=tuple(alert.audiences) if alert.audiences is not None else None,
+            )
+        )
+    return tuple(alerts)
 
 
 def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:

@@ -10,13 +10,21 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from worker.crashpoints import CrashPoint
 from worker.db import unit_of_work
-from worker.domain import Progress
+from worker.domain import Progress, RunSummary
 from worker.pool import DestinationPool
 from worker.settings import Settings
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+# Called once a run is recorded as ended (alerts); it must never raise.
+RunEndHook = Callable[[RunSummary], None]
+
+
+def ignore_run_end(_summary: RunSummary) -> None:
+    """The default run-end hook: nothing to tell."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +37,7 @@ class ServiceContext:
     # Resolves `${VAR}` references in source URLs; given by the process's edge.
     env: Mapping[str, str]
     crash_point: CrashPoint
+    run_ended: RunEndHook = ignore_run_end
 
     @contextmanager
     def unit_of_work(self) -> Iterator[Session]:

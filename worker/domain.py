@@ -43,6 +43,16 @@ class Trigger(enum.StrEnum):
     FULL_OWED = "full_owed"
 
 
+class AlertEvent(enum.StrEnum):
+    """What an alert says happened to a pair (a change of its state, never a repeat)."""
+
+    FAILED = "failed"
+    BLOCKED = "blocked"
+    PARTIAL = "partial"
+    STALE = "stale"
+    RECOVERED = "recovered"
+
+
 @dataclass(frozen=True, slots=True)
 class SyncRequest:
     is_full: bool = False

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from models import AudienceDestination, SyncRun
+from worker import logs
 from worker.audiences import RuleDefinition, rule_definition
 from worker.context import ServiceContext
 from worker.domain import (
@@ -286,6 +287,7 @@ class RunLifecycle:
             audience_repo.hand_over_lock(session, pair_id, token, owner)
             if is_archive or request.retry_quarantined:
                 failure_repo.release_quarantine(session, audience.id, destination.id)
+            logs.bind_run(run.id, audience.key, destination.name)
             return OpenedRun(
                 run_id=run.id,
                 pair_id=pair_id,
@@ -349,6 +351,8 @@ class RunLifecycle:
                 entered=entered,
                 exited=to_exit,
                 skipped_rows=snapshot.skipped,
+                snapshot_seconds=snapshot.seconds,
+                diff_seconds=seconds,
             )
             block = (
                 None
@@ -370,9 +374,11 @@ class RunLifecycle:
             else:
                 # Only the difference from the current membership is written; the staging
                 # table stays until the run ends (see end_run).
-                snapshot_repo.apply_snapshot(
-                    session, audience_id, snapshot.snapshot_id, now=self._ctx.clock()
-                )
+                now = self._ctx.clock()
+                snapshot_repo.apply_snapshot(session, audience_id, snapshot.snapshot_id, now=now)
+                # Delivery (the destination's preparation included) is timed from here to
+                # the run's end, by whichever process ends it.
+                run_repo.update_run(session, opened.run_id, delivery_started_at=now)
                 self._ctx.crash_point("writing_change_log")
         return Plan(to_enter, to_exit, has_failing, block, seconds)
 
@@ -525,6 +531,7 @@ class RunLifecycle:
             )
             if is_closing:
                 audience_repo.release_lock(session, pair_id, owner)
+                run_repo.record_delivery_seconds(session, run_id, finished_at=now)
             # Read once, after the close: the outcome as stored, this one or the first.
             run = run_repo.get_run(session, run_id)
             pair = audience_repo.pair_by_id(session, pair_id)
@@ -538,6 +545,8 @@ class RunLifecycle:
                 "sync finished %s",
                 json.dumps(summary_fields(summary), sort_keys=True),
             )
+            self._ctx.run_ended(summary)
+            logs.unbind_run()
         return summary
 
     def summarize(

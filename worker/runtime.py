@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from worker.alerts import AlertNotifier
+from worker.context import utcnow
 from worker.crashpoints import kill_at
 from worker.db import make_engine, make_session_factory
 from worker.domain import NoProgress, Progress
@@ -23,8 +25,10 @@ class Runtime:
     sessions: sessionmaker[Session]
     destinations: DestinationPool
     service: SyncService
+    alerts: AlertNotifier
 
     def close(self) -> None:
+        self.alerts.wait()
         self.destinations.close()
         dispose_source_engines()
         self.engine.dispose()
@@ -46,6 +50,12 @@ def build_runtime(
     destinations = DestinationPool(
         http=http_options(settings), limiter_factory=limiter_factory, env=env
     )
+    alerts = AlertNotifier(
+        sessions=sessions,
+        env=env,
+        clock=utcnow,
+        public_url=settings.public_url,
+    )
     service = SyncService(
         session_factory=sessions,
         settings=settings,
@@ -53,5 +63,6 @@ def build_runtime(
         progress=progress,
         env=env,
         crash_point=kill_at(settings.crash_at),
+        run_ended=alerts.run_ended,
     )
-    return Runtime(settings, engine, sessions, destinations, service)
+    return Runtime(settings, engine, sessions, destinations, service, alerts)

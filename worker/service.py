@@ -15,7 +15,7 @@ from worker.archive import Archiver
 from worker.audiences import AudienceInspector, AudienceView, CompiledAudience, Preview
 from worker.catalog import Catalog
 from worker.config import Config
-from worker.context import ServiceContext, utcnow
+from worker.context import RunEndHook, ServiceContext, ignore_run_end, utcnow
 from worker.crashpoints import CrashPoint, no_crash
 from worker.delivery import Delivery
 from worker.domain import (
@@ -47,9 +47,11 @@ class SyncService:
         progress: Callable[[], Progress] = NoProgress,
         env: Mapping[str, str] | None = None,
         crash_point: CrashPoint = no_crash,
+        run_ended: RunEndHook = ignore_run_end,
     ) -> None:
         """`env` resolves `${VAR}` in source URLs (none: no variables); `crash_point` is
-        called at each named step of a run (the guarantee tests kill the process there)."""
+        called at each named step of a run (the guarantee tests kill the process there);
+        `run_ended` is told of each run once it is recorded as ended (alerts)."""
         self._ctx = ServiceContext(
             sessions=session_factory,
             settings=settings,
@@ -58,6 +60,7 @@ class SyncService:
             progress=progress,
             env={} if env is None else env,
             crash_point=crash_point,
+            run_ended=run_ended,
         )
         self._catalog = Catalog(self._ctx)
         self._runs = RunLifecycle(self._ctx)

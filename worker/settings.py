@@ -1,8 +1,9 @@
 """Process settings, read from AUDIENCE_SYNC_* environment variables at the edges."""
 
 from functools import lru_cache
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -45,6 +46,13 @@ class Settings(BaseSettings):
     # (`worker.ratelimit.requests_in_flight`), at most `delivery_max_in_flight`.
     delivery_in_flight: int | None = Field(default=None, ge=1)
     delivery_max_in_flight: int = Field(default=16, ge=1)
+    # The console's address as users reach it; alerts link to its pages when set.
+    public_url: str | None = None
+    # Required (as a bearer token or the login form) when the console listens beyond this
+    # host.
+    console_token: SecretStr | None = None
+    # `json`: one JSON object per log line, with the run's id, audience and destination.
+    log_format: Literal["text", "json"] = "text"
     # Test hook: stop the process (SIGKILL) when the sync reaches this named step.
     crash_at: str | None = None
 

@@ -24,12 +24,15 @@ from typing import Any
 import redis
 from celery import Celery, Signature, Task, chord
 from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
     celeryd_after_setup,
     worker_process_init,
     worker_process_shutdown,
     worker_shutdown,
 )
 
+from worker import logs
 from worker.celery import (
     CHUNK_SOFT_LIMIT_SECONDS,
     HARD_LIMIT_MARGIN_SECONDS,
@@ -116,6 +119,14 @@ def _forget_inherited_runtime(**_: Any) -> None:
     _runtime, _redis = None, None
 
 
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _structured_logs(logger: Any, **_: Any) -> None:
+    # Celery sets up its own handlers; JSON replaces their format, text keeps Celery's.
+    if get_settings().log_format == "json":
+        logs.apply_format(logger, "json")
+
+
 @worker_process_shutdown.connect
 @worker_shutdown.connect
 def _close_runtime(**_: Any) -> None:
@@ -159,7 +170,9 @@ def _redeliverable(soft_limit_seconds: int) -> dict[str, Any]:
     **_redeliverable(SHORT_SOFT_LIMIT_SECONDS),
 )
 def dispatch_due() -> list[int]:
-    """Beat's task: queue a scheduled sync of every pair that is due; return their ids."""
+    """Beat's task: queue a scheduled sync of every pair that is due; return their ids.
+    Each tick is recorded (the console's health check reads it) and stale pairs alerted."""
+    runtime().alerts.dispatcher_ticked()
     pair_ids = runtime().service.due_pairs()
     request = asdict(SyncRequest(trigger=Trigger.SCHEDULE))
     for pair_id in pair_ids:
@@ -263,8 +276,11 @@ def deliver_chunk(
 ) -> dict[str, Any]:
     """Deliver one chunk of a fanned-out run; return `{"error": None}` or why it failed."""
     service, settings = runtime().service, runtime().settings
+    run = prepared_from_json(prepared)
     try:
-        service.deliver_range(prepared_from_json(prepared), after=after, upto=upto)
+        with logs.run_scope():
+            logs.bind_run(run.run_id, run.audience.key, run.destination_name)
+            service.deliver_range(run, after=after, upto=upto)
     except TransientDestinationError as exc:
         if self.request.retries < settings.task_retries:
             # Only what was not accepted is left in the chunk, so the retry resumes. The wait

@@ -254,3 +254,21 @@ def failing_member(
 ) -> FailingMember | None:
     """The user's failing row for the pair: rejected, quarantined or in doubt (or None)."""
     return session.get(FailingMember, (audience_id, destination_id, member_id))
+
+
+def failing_member_of_pairs(
+    session: Session, audience_ids: Sequence[int], member_id: str
+) -> dict[tuple[int, int], FailingMember]:
+    """`failing_member` of every pair of the given audiences at once, keyed by (audience
+    id, destination id). One statement on the failing_members key (audience_id,
+    destination_id, member_id)."""
+    if not audience_ids:
+        return {}
+    return {
+        (row.audience_id, row.destination_id): row
+        for row in session.scalars(
+            select(FailingMember).where(
+                FailingMember.audience_id.in_(audience_ids), FailingMember.member_id == member_id
+            )
+        )
+    }

@@ -107,6 +107,15 @@ def close_run(
     return int(result.rowcount) == 1  # type: ignore[attr-defined]
 
 
+def record_delivery_seconds(session: Session, run_id: int, *, finished_at: datetime) -> None:
+    """Time the run's delivery, from its recorded start to `finished_at`; nothing for a
+    run that never reached delivery."""
+    began = session.scalar(select(SyncRun.delivery_started_at).where(SyncRun.id == run_id))
+    if began is not None:
+        seconds = max(0.0, (finished_at - began).total_seconds())
+        update_run(session, run_id, delivery_seconds=seconds)
+
+
 def add_to_counters(session: Session, run_id: int, *, sent: int, failed: int) -> None:
     """Increment the run's counters in SQL, so parallel chunk workers never overwrite."""
     session.execute(

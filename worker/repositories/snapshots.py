@@ -579,3 +579,119 @@ def is_member(session: Session, audience_id: int, member_id: str) -> bool:
         )
         is not None
     )
+
+
+def latest_snapshots(
+    session: Session, audience_ids: Sequence[int]
+) -> dict[int, tuple[int, datetime]]:
+    """Each audience's latest snapshot, (id, taken at), in one statement; an audience
+    without a snapshot is absent. Reads ix_snapshots_audience_created."""
+    if not audience_ids:
+        return {}
+    latest = (
+        select(func.max(Snapshot.id))
+        .where(Snapshot.audience_id.in_(audience_ids))
+        .group_by(Snapshot.audience_id)
+    )
+    return {
+        int(audience_id): (int(snapshot_id), created_at)
+        for audience_id, snapshot_id, created_at in session.execute(
+            select(Snapshot.audience_id, Snapshot.id, Snapshot.created_at).where(
+                Snapshot.id.in_(latest)
+            )
+        )
+    }
+
+
+def current_entries(
+    session: Session, audience_ids: Sequence[int], member_id: str
+) -> dict[int, int]:
+    """The snapshot each audience the user is currently a member of took them in, in one
+    statement (the audience_members key is audience_id, member_id)."""
+    if not audience_ids:
+        return {}
+    return {
+        int(audience_id): int(entered)
+        for audience_id, entered in session.execute(
+            select(AudienceMember.audience_id, AudienceMember.entered_snapshot_id).where(
+                AudienceMember.audience_id.in_(audience_ids),
+                AudienceMember.member_id == member_id,
+            )
+        )
+    }
+
+
+def member_histories(
+    session: Session,
+    audience_ids: Sequence[int],
+    member_id: str,
+    current: dict[int, int],
+) -> dict[int, list[tuple[datetime, bool]]]:
+    """`member_history` of several audiences at once: the user's entries (True) and exits
+    (False) per audience, oldest first, in a fixed number of statements. `current` is what
+    `current_entries` returned for the same audiences and user."""
+    if not audience_ids:
+        return {}
+    spans: dict[int, list[MembershipSpan]] = {}
+    for audience_id, entered, exited, exited_at in session.execute(
+        select(
+            MembershipPeriod.audience_id,
+            MembershipPeriod.entered_snapshot_id,
+            MembershipPeriod.exited_snapshot_id,
+            MembershipPeriod.exited_at,
+        )
+        .where(
+            MembershipPeriod.audience_id.in_(audience_ids),
+            MembershipPeriod.member_id == member_id,
+        )
+        .order_by(MembershipPeriod.audience_id, MembershipPeriod.exited_snapshot_id)
+    ):
+        spans.setdefault(int(audience_id), []).append(
+            MembershipSpan(int(entered), int(exited), exited_at)
+        )
+    for audience_id, entered in current.items():
+        spans.setdefault(audience_id, []).append(MembershipSpan(entered, None, None))
+    times = _entry_times(
+        session,
+        audience_ids,
+        {span.entered_snapshot_id for found in spans.values() for span in found},
+    )
+    histories: dict[int, list[tuple[datetime, bool]]] = {}
+    for audience_id, found in spans.items():
+        events = histories.setdefault(audience_id, [])
+        for span in found:
+            entered_at = times.get(span.entered_snapshot_id)
+            if entered_at is not None:
+                events.append((entered_at, True))
+            if span.exited_at is not None:
+                events.append((span.exited_at, False))
+    return histories
+
+
+def _entry_times(
+    session: Session, audience_ids: Sequence[int], snapshot_ids: set[int]
+) -> dict[int, datetime]:
+    """`_snapshot_times` for snapshots of the given audiences: the snapshot row while kept,
+    else the start of the run that took it. The runs are read only for snapshots no longer
+    kept, narrowed by audience so ix_sync_runs_pair_started serves (sync_runs.snapshot_id
+    has no index of its own)."""
+    if not snapshot_ids:
+        return {}
+    times: dict[int, datetime] = {
+        int(i): at
+        for i, at in session.execute(
+            select(Snapshot.id, Snapshot.created_at).where(Snapshot.id.in_(snapshot_ids))
+        )
+    }
+    missing = snapshot_ids - times.keys()
+    if missing:
+        times.update(
+            (int(i), at)
+            for i, at in session.execute(
+                select(SyncRun.snapshot_id, SyncRun.started_at).where(
+                    SyncRun.audience_id.in_(audience_ids), SyncRun.snapshot_id.in_(missing)
+                )
+            )
+            if i is not None
+        )
+    return times

@@ -182,3 +182,28 @@ def _aware(value: datetime | None) -> datetime | None:
     if value is None or value.tzinfo is not None:
         return value
     return value.replace(tzinfo=UTC)
+
+
+def member_states(
+    session: Session, audience_ids: Sequence[int], member_id: str
+) -> dict[tuple[int, int], SyncedState]:
+    """`member_state` of every pair of the given audiences at once, keyed by (audience id,
+    destination id); a pair that never told the user is absent. One statement on the
+    synced_members key (audience_id, destination_id, member_id)."""
+    if not audience_ids:
+        return {}
+    rows = session.execute(
+        select(
+            SyncedMember.audience_id,
+            SyncedMember.destination_id,
+            SyncedMember.is_member,
+            SyncedMember.run_id,
+            func.coalesce(SyncRun.finished_at, SyncRun.started_at),
+        )
+        .outerjoin(SyncRun, SyncRun.id == SyncedMember.run_id)
+        .where(SyncedMember.audience_id.in_(audience_ids), SyncedMember.member_id == member_id)
+    )
+    return {
+        (int(audience_id), int(destination_id)): SyncedState(bool(value), run_id, _aware(at))
+        for audience_id, destination_id, value, run_id, at in rows
+    }

@@ -1,0 +1,1 @@
+"""Destinations: where identify calls are delivered (file, Ortto, Ortto REST API, Segment)."""

@@ -1,0 +1,248 @@
+"""The diff: set-based anti-joins between a snapshot and a destination's synced state.
+
+When a run starts, its change set is computed once, in SQL, into `run_changes`; delivery
+then reads it page by page in member_id order (keyset pagination), so neither side is ever
+loaded whole into Python, a page costs the same however large the audience, and parallel
+workers can take disjoint member_id ranges of one run.
+"""
+
+from typing import Any
+
+from sqlalchemy import and_, delete, exists, false, func, literal, select, text, true, update
+from sqlalchemy.orm import Session
+
+from models import FailingMember, RunChange, SnapshotMember, SyncedMember, SyncRun
+from worker.domain import PairScope
+from worker.payloads import Change
+from worker.repositories.dialect import is_postgresql
+
+_CHANGE_COLUMNS = [
+    "run_id",
+    "member_id",
+    "is_anonymous",
+    "email",
+    "value",
+    "previous_run_id",
+    "is_in_flight",
+]
+
+
+def _pair(scope: PairScope, table: Any) -> Any:
+    return and_(
+        table.audience_id == scope.audience_id, table.destination_id == scope.destination_id
+    )
+
+
+def _failing(scope: PairScope, member_id: Any, *, is_quarantined: bool) -> Any:
+    """A failing row for the user: its last call was rejected, or a run that stopped may
+    have sent it one it never recorded. The destination's value is then not known, so the
+    user gets its current value; quarantined users get nothing until released."""
+    return exists().where(
+        _pair(scope, FailingMember),
+        FailingMember.member_id == member_id,
+        FailingMember.is_quarantined.is_(is_quarantined),
+    )
+
+
+def _in_snapshot(scope: PairScope, member_id: Any) -> Any:
+    return exists().where(
+        SnapshotMember.snapshot_id == scope.snapshot_id, SnapshotMember.member_id == member_id
+    )
+
+
+def _held_as_member(scope: PairScope, member_id: Any) -> Any:
+    return exists().where(
+        _pair(scope, SyncedMember),
+        SyncedMember.member_id == member_id,
+        SyncedMember.is_member.is_(True),
+    )
+
+
+def _change_selects(scope: PairScope, run_id: int) -> list[Any]:
+    """The run's changes as run_changes rows, in up to four selects. Each is a plain join or
+    anti-join (every NOT EXISTS stands alone in the WHERE clause), so the database plans
+    them as hash anti-joins over the whole audience."""
+    run = literal(run_id)
+    previous_run = (
+        select(SyncedMember.run_id)
+        .where(_pair(scope, SyncedMember), SyncedMember.member_id == SnapshotMember.member_id)
+        .scalar_subquery()
+    )
+    not_quarantined_member = ~_failing(scope, SnapshotMember.member_id, is_quarantined=True)
+    not_quarantined_synced = ~_failing(scope, SyncedMember.member_id, is_quarantined=True)
+    enter = select(
+        run,
+        SnapshotMember.member_id,
+        SnapshotMember.is_anonymous,
+        SnapshotMember.email,
+        true(),
+        previous_run,
+        false(),
+    ).where(SnapshotMember.snapshot_id == scope.snapshot_id, not_quarantined_member)
+    synced_columns = (
+        run,
+        SyncedMember.member_id,
+        SyncedMember.is_anonymous,
+        SyncedMember.email,
+        false(),
+        SyncedMember.run_id,
+        false(),
+    )
+    leave = select(*synced_columns).where(
+        _pair(scope, SyncedMember),
+        SyncedMember.is_member.is_(True),
+        ~_in_snapshot(scope, SyncedMember.member_id),
+        not_quarantined_synced,
+    )
+    # Users in doubt whose synced state already agrees with the source get it again.
+    leave_in_doubt = select(*synced_columns).where(
+        _pair(scope, SyncedMember),
+        SyncedMember.is_member.is_(False),
+        _failing(scope, SyncedMember.member_id, is_quarantined=False),
+        ~_in_snapshot(scope, SyncedMember.member_id),
+    )
+    if scope.is_full:
+        return [enter, leave, leave_in_doubt]
+    enter_in_doubt = (
+        select(
+            run,
+            SnapshotMember.member_id,
+            SnapshotMember.is_anonymous,
+            SnapshotMember.email,
+            true(),
+            SyncedMember.run_id,
+            false(),
+        )
+        .join(
+            SyncedMember,
+            and_(_pair(scope, SyncedMember), SyncedMember.member_id == SnapshotMember.member_id),
+        )
+        .where(
+            SnapshotMember.snapshot_id == scope.snapshot_id,
+            SyncedMember.is_member.is_(True),
+            _failing(scope, SnapshotMember.member_id, is_quarantined=False),
+        )
+    )
+    enter_new = enter.where(~_held_as_member(scope, SnapshotMember.member_id))
+    return [enter_new, enter_in_doubt, leave, leave_in_doubt]
+
+
+def plan_run_changes(session: Session, scope: PairScope, run_id: int) -> tuple[int, int]:
+    """Write the run's change set into run_changes; return (users to send `true`, users to
+    send `false`)."""
+    if is_postgresql(session):
+        # Set-based statements over the whole audience: compiling them costs more than it saves.
+        session.execute(text("SET LOCAL jit = off"))
+    table = RunChange.__table__
+    for query in _change_selects(scope, run_id):
+        session.execute(table.insert().from_select(_CHANGE_COLUMNS, query))  # type: ignore[attr-defined]
+    counts = dict(
+        session.execute(
+            select(RunChange.value, func.count())
+            .where(RunChange.run_id == run_id)
+            .group_by(RunChange.value)
+        ).all()
+    )
+    return counts.get(True, 0), counts.get(False, 0)
+
+
+def page_of_changes(
+    session: Session, run_id: int, *, after: str | None, upto: str | None, limit: int
+) -> list[Change]:
+    """The run's next `limit` undelivered changes with member_id in (after, upto], in order."""
+    query = select(
+        RunChange.member_id,
+        RunChange.is_anonymous,
+        RunChange.email,
+        RunChange.value,
+        RunChange.previous_run_id,
+    ).where(RunChange.run_id == run_id)
+    if after is not None:
+        query = query.where(RunChange.member_id > after)
+    if upto is not None:
+        query = query.where(RunChange.member_id <= upto)
+    rows = session.execute(query.order_by(RunChange.member_id).limit(limit)).all()
+    return [Change(r[0], bool(r[1]), r[2], bool(r[3]), r[4]) for r in rows]
+
+
+def _in_range(run_id: int, first: str | None, last: str | None) -> list[Any]:
+    conditions = [RunChange.run_id == run_id]
+    if first is not None:
+        conditions.append(RunChange.member_id >= first)
+    if last is not None:
+        conditions.append(RunChange.member_id <= last)
+    return conditions
+
+
+def mark_in_flight(session: Session, run_id: int, first: str, last: str) -> None:
+    """Note that a page is about to be sent: from here until it is recorded, a crash leaves
+    its users in doubt."""
+    session.execute(
+        update(RunChange)
+        .where(*_in_range(run_id, first, last))
+        .values(is_in_flight=True)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def drop_changes(
+    session: Session, run_id: int, first: str | None = None, last: str | None = None
+) -> None:
+    """Forget the run's changes in [first, last] (all of them without bounds)."""
+    session.execute(delete(RunChange).where(*_in_range(run_id, first, last)))
+
+
+def chunk_boundaries(session: Session, run_id: int, *, chunk_size: int) -> list[str]:
+    """Member ids that cut the run's changes into chunks of `chunk_size` (for fan-out):
+    chunk i covers (boundary[i-1], boundary[i]]; the last chunk is open-ended."""
+    numbered = (
+        select(
+            RunChange.member_id,
+            func.row_number().over(order_by=RunChange.member_id).label("n"),
+        )
+        .where(RunChange.run_id == run_id)
+        .subquery()
+    )
+    return list(
+        session.scalars(
+            select(numbered.c.member_id)
+            .where(numbered.c.n % chunk_size == 0)
+            .order_by(numbered.c.member_id)
+        )
+    )
+
+
+def runs_with_changes(session: Session, audience_id: int, destination_id: int) -> list[int]:
+    """Runs of the pair that left changes behind (they stopped before delivering them all)."""
+    return list(
+        session.scalars(
+            select(SyncRun.id)
+            .where(
+                SyncRun.audience_id == audience_id,
+                SyncRun.destination_id == destination_id,
+                exists().where(RunChange.run_id == SyncRun.id),
+            )
+            .order_by(SyncRun.id)
+        )
+    )
+
+
+def count_member_exits(session: Session, scope: PairScope) -> int:
+    """Users to send `false` whom the destination holds as members (users in doubt aside)."""
+    query = select(func.count()).where(
+        _pair(scope, SyncedMember),
+        SyncedMember.is_member.is_(True),
+        ~_in_snapshot(scope, SyncedMember.member_id),
+        ~_failing(scope, SyncedMember.member_id, is_quarantined=True),
+    )
+    return session.scalar(query) or 0
+
+
+def count_newly_entered(session: Session, scope: PairScope) -> int:
+    """Members not yet `true` at the destination (what a full sync would also count)."""
+    query = select(func.count()).where(
+        SnapshotMember.snapshot_id == scope.snapshot_id,
+        ~_held_as_member(scope, SnapshotMember.member_id),
+        ~_failing(scope, SnapshotMember.member_id, is_quarantined=True),
+    )
+    return session.scalar(query) or 0
