@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests import worker_fixtures
 from worker.config import load_config
 from worker.repositories import alerts as alert_repo
 from worker.runtime import Runtime, build_runtime
 from worker.settings import Settings
 from worker.testing.celery_worker import celery_worker
-from worker.testing.databases import ShopSource, postgres_database, source_database
+from worker.testing.databases import ShopSource
 from worker.testing.factories import audience, write_config
 from worker.testing.webhooks import WebhookReceiver
 
@@ -24,16 +25,8 @@ pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
 HOOK_VARIABLE = "TEST_ALERT_WEBHOOK_URL"
 
 
-@pytest.fixture
-def state_url() -> Iterator[str]:
-    with postgres_database() as url:
-        yield url
-
-
-@pytest.fixture
-def shop(tmp_path: Path) -> Iterator[ShopSource]:
-    with source_database("postgresql", tmp_path) as source:
-        yield source
+# PostgreSQL state and source databases, shared by the worker processes.
+state_url, shop = worker_fixtures.state_url, worker_fixtures.shop
 
 
 @pytest.fixture

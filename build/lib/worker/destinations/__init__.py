@@ -1,1 +1,0 @@
-"""Destinations: where identify calls are delivered (file, Ortto, Ortto REST API, Segment)."""

@@ -1,1 +1,0 @@
-"""Every SQL statement of the state database lives in these repository modules."""
