@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from worker import cli, db
+from worker import cli, db, reports
 from worker.settings import get_settings
 from worker.testing.databases import ShopSource, postgres_database
 from worker.testing.factories import audience, write_config
@@ -201,7 +201,7 @@ def test_an_unexpected_error_is_one_line_unless_debugging(
     def boom(*_args: object, **_kwargs: object) -> None:
         raise RuntimeError("something broke\nsecond line")
 
-    monkeypatch.setattr(cli.ReportService, "audiences", boom)
+    monkeypatch.setattr(reports.ReportService, "audiences", boom)
     monkeypatch.setattr(sys, "argv", ["audience-sync", "audiences", "list"])
     with pytest.raises(SystemExit) as exited:
         cli.main()

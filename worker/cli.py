@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from pydantic import ValidationError
@@ -18,18 +18,20 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, Task, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
 from rich.text import Text
-from sqlalchemy.exc import SQLAlchemyError
 
-from worker import db, render
-from worker.config import load_config
+from worker import render
 from worker.domain import NoProgress, Progress, RunStatus, RunSummary, SyncRequest, Trigger
 from worker.errors import AudienceSyncError
-from worker.locking import PROCESS_STOP
 from worker.logs import configure as configure_logs
 from worker.payloads import Change
-from worker.reports import ReportService
-from worker.runtime import Runtime, build_runtime
 from worker.settings import get_settings
+
+# The state database's side (SQLAlchemy, the models, the service and what it drives) is
+# imported by the commands that use it: it is most of a start, which `--help`, a usage
+# error and the other commands need not pay.
+if TYPE_CHECKING:
+    from worker.reports import ReportService
+    from worker.runtime import Runtime
 
 # No pretty tracebacks: a user sees one line; `--debug` prints the plain traceback.
 app = typer.Typer(
@@ -174,9 +176,14 @@ def _errors() -> Iterator[None]:
 
 
 @contextmanager
-def _runtime() -> Iterator[Runtime]:
+def _runtime() -> Iterator["Runtime"]:
     """This command's runtime, closed on the way out; what the user can fix is told in one
     line. A state database without the schema is refused before anything is opened."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from worker import db
+    from worker.runtime import build_runtime
+
     with _errors():
         settings = get_settings()
         db.check_schema(settings.database_url)
@@ -197,7 +204,9 @@ def _runtime() -> Iterator[Runtime]:
 
 
 @contextmanager
-def _reports() -> Iterator[ReportService]:
+def _reports() -> Iterator["ReportService"]:
+    from worker.reports import ReportService
+
     with _runtime() as runtime:
         yield ReportService(session_factory=runtime.sessions)
 
@@ -213,6 +222,8 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON documen
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Create or migrate the state database schema, and say which revision it is at."""
+    from worker import db
+
     with _errors():
         url = get_settings().database_url
         outcome = db.upgrade(url)
@@ -245,6 +256,8 @@ def apply(
     """Print the plan of FILE (what it creates, changes, revives, archives), then apply it
     (all or nothing). A file that would archive every active audience, or that looks like it
     renames an audience without `key:`, is refused (exit 2, nothing changed)."""
+    from worker.config import load_config
+
     new_keys = tuple(allow_new_keys or ())
     with _runtime() as runtime:
         config = load_config(file)
@@ -413,6 +426,8 @@ def sync_exit_status(statuses: list[str]) -> int:
 def _stop_on_signals() -> Iterator[list[int]]:
     """While runs are delivered: the first SIGINT or SIGTERM asks them to stop at their
     next page boundary; a second one leaves at once (the pair's lock then expires)."""
+    from worker.locking import PROCESS_STOP
+
     received: list[int] = []
 
     def handle(signum: int, _frame: object) -> None:
@@ -474,7 +489,7 @@ class _PreviewSink:
 
 
 def _preview(
-    runtime: Runtime, pair_ids: list[int], request: SyncRequest, *, show: int, as_json: bool
+    runtime: "Runtime", pair_ids: list[int], request: SyncRequest, *, show: int, as_json: bool
 ) -> list[RunSummary]:
     """Dry runs that list who would enter and exit: up to `show` users each way per pair on
     a terminal; with --json, every change, streamed as it is read (one JSON document)."""
@@ -696,6 +711,7 @@ def console(
 ) -> None:
     """Serve the read-only web console (overview, audiences, runs, users, failures,
     /healthz, /metrics). Listening beyond this machine needs AUDIENCE_SYNC_CONSOLE_TOKEN."""
+    from worker import db
     from worker.console.app import check_bind
     from worker.console.server import console_token, run_console
 

@@ -2,15 +2,19 @@
 computed from the catalog's current values and the desired configuration (no I/O), and the
 refusals that protect against an apply that would do much harm by mistake."""
 
+from __future__ import annotations
+
 import enum
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from worker.config import Config
 from worker.domain import ApplyReport
 from worker.errors import ConfigError
 from worker.payloads import DEFAULT_SPACE_ID, SendAs
+
+if TYPE_CHECKING:  # only annotations: worker.config brings the destinations (httpx) along
+    from worker.config import Config
 
 
 class Action(enum.StrEnum):

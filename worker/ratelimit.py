@@ -21,11 +21,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
-
-import redis
+from typing import TYPE_CHECKING, Protocol
 
 from worker.errors import ConfigError
+
+if TYPE_CHECKING:  # the client is built by whoever shares limits through Redis (worker.tasks)
+    import redis
 
 log = logging.getLogger(__name__)
 

@@ -2,11 +2,13 @@
 from the service's plain values to rich renderables and JSON records, shared by the CLI and
 the demo. Nothing here reads a database or prints."""
 
+from __future__ import annotations
+
 import dataclasses
 import json
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from rich.console import RenderableType
@@ -14,17 +16,22 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from worker.audiences import AudienceView, CompiledAudience, Preview
 from worker.domain import ApplyReport, PairStatus, RunSummary
 from worker.payloads import Change
-from worker.plan import Action, FieldChange, Plan
-from worker.reports import (
-    AudienceListing,
-    AudienceStanding,
-    FailingUser,
-    RunDetail,
-    RunRecord,
-)
+from worker.plan import Action
+
+# Only named in annotations: the CLI imports this module at start, and these modules bring
+# the state database's side with them (SQLAlchemy, the models, the repositories).
+if TYPE_CHECKING:
+    from worker.audiences import AudienceView, CompiledAudience, Preview
+    from worker.plan import FieldChange, Plan
+    from worker.reports import (
+        AudienceListing,
+        AudienceStanding,
+        FailingUser,
+        RunDetail,
+        RunRecord,
+    )
 
 STATUS_COLOURS = {
     "succeeded": "green",
@@ -35,8 +42,6 @@ STATUS_COLOURS = {
     "running": "cyan",
     "cancelled": "yellow",
 }
-# `runs show` lists every field of the run, then its skipped rows (a line of their own).
-RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunRecord) if f.name != "skipped_rows")
 # fmt: off
 HISTORY_COLUMNS = (
     "run", "audience", "destination", "mode", "trigger", "status", "started", "duration",
@@ -200,9 +205,11 @@ def run_detail_json(detail: RunDetail) -> dict[str, Any]:
 
 def run_detail(detail: RunDetail) -> list[RenderableType]:
     """One run field by field (`name: value` lines), its skipped rows and its failures."""
-    record = run_json(detail.run)
+    # Every field of the run, then its skipped rows (a line of their own).
     lines: list[RenderableType] = [
-        Text.assemble((f"{name}:", "bold"), f" {record[name]}") for name in RUN_FIELDS
+        Text.assemble((f"{name}:", "bold"), f" {value}")
+        for name, value in run_json(detail.run).items()
+        if name != "skipped_rows"
     ]
     skipped = ", ".join(f"{reason}={count}" for reason, count in detail.run.skipped_rows.items())
     lines.append(Text.assemble(("skipped_rows:", "bold"), f" {skipped or 'none'}"))
