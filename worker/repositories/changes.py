@@ -146,13 +146,11 @@ def plan_run_changes(session: Session, scope: PairScope, run_id: int) -> tuple[i
     """Write the run's change set into run_changes; return (users to send `true`, users to
     send `false`)."""
     tune_for_whole_audience(session)
-    table = RunChange.__table__
     has_failing = session.scalar(select(literal(1)).where(_pair(scope, FailingMember)).limit(1))
     if is_postgresql(session) and has_failing is None and not scope.is_full:
         _plan_in_one_pass(session, scope, run_id)
     else:
-        for query in _change_selects(scope, run_id, has_failing=has_failing is not None):
-            session.execute(table.insert().from_select(_CHANGE_COLUMNS, query))  # type: ignore[attr-defined]
+        _plan_by_selects(session, scope, run_id, has_failing=has_failing is not None)
     counts = dict(
         session.execute(
             select(RunChange.value, func.count())
@@ -161,6 +159,13 @@ def plan_run_changes(session: Session, scope: PairScope, run_id: int) -> tuple[i
         ).all()
     )
     return counts.get(True, 0), counts.get(False, 0)
+
+
+def _plan_by_selects(session: Session, scope: PairScope, run_id: int, *, has_failing: bool) -> None:
+    """Any backend, any run: the selects of `_change_selects`, one INSERT each."""
+    table: Any = RunChange.__table__
+    for query in _change_selects(scope, run_id, has_failing=has_failing):
+        session.execute(table.insert().from_select(_CHANGE_COLUMNS, query))
 
 
 def _plan_in_one_pass(session: Session, scope: PairScope, run_id: int) -> None:

@@ -362,7 +362,14 @@ def apply_snapshot(session: Session, audience_id: int, snapshot_id: int, *, now:
     session.execute(select(Audience.id).where(Audience.id == audience_id).with_for_update())
     if is_postgresql(session):
         _apply_in_one_pass(session, audience_id, snapshot_id, now=now)
-        return
+    else:
+        _apply_by_anti_joins(session, audience_id, snapshot_id, now=now)
+
+
+def _apply_by_anti_joins(
+    session: Session, audience_id: int, snapshot_id: int, *, now: datetime
+) -> None:
+    """Any backend: members gone are logged, then deleted; new members inserted."""
     stage = staged(snapshot_id)
     member = AudienceMember
     mine = member.audience_id == audience_id
