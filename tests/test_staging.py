@@ -124,6 +124,42 @@ def test_copy_path_keeps_and_counts_what_the_streamed_path_does(
     assert ("bob", False, None) in staged and ("carol", False, None) in staged
 
 
+def test_whitespace_is_what_str_strip_removes() -> None:
+    assert snapshot_repo.WHITESPACE == "".join(c for c in map(chr, range(0x110000)) if c.isspace())
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_copy_path_agrees_row_by_row_with_the_streamed_path(
+    tmp_path: Path, shop: ShopSource, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each tricky row alone among clean ones, and a clean duplicate: the COPY path's quick
+    check must send every one of them through the rules (or the duplicate handling)."""
+    shop.execute("create table raw_people (user_id text, anonymous_id text, email text)")
+    audience_id = _audience_id(runtime, tmp_path, shop)
+    ctx = _context(runtime)
+    clean = [("zed", None, "zed@example.com"), ("yan", None, None)]
+    cases = [[row] for row in TRICKY_ROWS[1:]] + [[("zed", None, "again@example.com")]]
+
+    def take() -> TakenSnapshot:
+        return take_snapshot(
+            ctx, audience_id, source_name="shop", url_template=shop.url, query=QUERY, timeout=30
+        )
+
+    for case in cases:
+        shop.execute("truncate raw_people")
+        with shop.engine.begin() as conn:
+            conn.execute(
+                text("insert into raw_people values (:u, :a, :e)"),
+                [{"u": u, "a": a, "e": e} for u, a, e in clean + case],
+            )
+        monkeypatch.undo()
+        by_copy = take()
+        monkeypatch.setattr(snapshotting, "copy_statement", lambda *a, **k: None)
+        streamed = take()
+        assert (by_copy.skipped, by_copy.members) == (streamed.skipped, streamed.members), case
+        assert _staged(runtime, by_copy) == _staged(runtime, streamed), case
+
+
 @pytest.mark.parametrize("backend", ["postgresql"])
 def test_copy_path_is_not_taken_for_columns_whose_text_could_differ(
     tmp_path: Path, shop: ShopSource, runtime: Runtime

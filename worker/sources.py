@@ -9,6 +9,7 @@ load with `COPY ... FROM STDIN` and clean in SQL: rows never become Python objec
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import psycopg
@@ -264,14 +265,7 @@ def copy_rows(
             _begin_read_only(connection, timeout_seconds)
             raw: Any = connection.connection.driver_connection
             with raw.cursor() as cursor, cursor.copy(statement) as copy:
-                block: list[memoryview] = []
-                for data in _copy_data(copy, raw.pgconn):
-                    block.append(data)
-                    if len(block) >= fetch_size:
-                        yield block
-                        block = []
-                if block:
-                    yield block
+                yield from _copy_blocks(copy, raw.pgconn, fetch_size)
     except DBAPIError as exc:
         raise SourceError(f"source {source_name}: {_db_message(exc)}") from None
     except SQLAlchemyError as exc:
@@ -280,37 +274,53 @@ def copy_rows(
         raise SourceError(f"source {source_name}: {_driver_message(exc)}") from None
 
 
-def _copy_data(copy: Any, pgconn: Any) -> Iterator[memoryview]:
-    """The rows of a COPY TO, as the driver receives them.
+def _copy_blocks(copy: Any, pgconn: Any, size: int) -> Iterator[list[memoryview]]:
+    """The rows of a COPY TO, as the driver receives them, in blocks of `size`.
 
-    Rows already received are taken straight from libpq, without the driver's wait loop
-    around each one (which costs more than the row); the driver waits when none is there.
-    Needs the driver's COPY object to say it is finished; where it cannot, the driver's own
-    iteration is used.
+    Rows already received are taken straight from libpq, in a tight loop (a million rows
+    cost a second of Python per step added to it), without the driver's wait loop around
+    each one; the driver waits when none is there. Needs the driver's COPY object to say
+    it is finished; where it cannot, the driver's own iteration is used.
     """
     if not hasattr(copy, "_finished"):
-        yield from copy
+        rows = iter(copy)
+        while received := list(islice(rows, size)):
+            yield received
         return
     get_copy_data = pgconn.get_copy_data
+    block: list[memoryview] = []
+    append = block.append
     while True:
-        size, data = get_copy_data(1)  # 1: do not block
-        if size > 0:
-            yield data
-        elif size == 0:  # nothing received yet: let the driver wait for the next row
+        nbytes, data = get_copy_data(1)  # 1: do not block
+        if nbytes > 0:
+            append(data)
+            if len(block) < size:
+                continue
+        elif nbytes == 0:  # nothing received yet: let the driver wait for the next row
             data = copy.read()
-            if not data:
+            if data:
+                append(data)
+                if len(block) < size:
+                    continue
+            else:
+                if block:
+                    yield block
                 return
-            yield data
         else:  # the COPY ended (-1) or failed (-2): take its outcome as the driver would
             copy._finished = True
             results = []
             while (result := pgconn.get_result()) is not None:
                 results.append(result)
-            if size == -2 or not results:
+            if nbytes == -2 or not results:
                 raise psycopg.OperationalError(pgconn.error_message.decode(errors="replace"))
             if results[0].status != psycopg.pq.ExecStatus.COMMAND_OK:
                 raise psycopg.errors.error_from_result(results[0])
+            if block:
+                yield block
             return
+        yield block
+        block = []
+        append = block.append
 
 
 def check_query(

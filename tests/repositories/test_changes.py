@@ -1,12 +1,17 @@
 """The diff statements of `repositories.changes`, run directly on each backend."""
 
+from functools import partial
+from typing import Any
+
+import pytest
 from sqlalchemy import select, update
 
-from models import FailingMember
+from models import AudienceMember, FailingMember, MembershipPeriod, RunChange
 from tests.repositories.conftest import NOW, Pair
 from worker.payloads import Change
 from worker.repositories import changes as change_repo
 from worker.repositories import failures as failure_repo
+from worker.repositories import snapshots as snapshot_repo
 from worker.repositories import synced as synced_repo
 from worker.runs import settle_stopped_runs
 
@@ -112,3 +117,55 @@ def test_moot_failures_are_forgotten(pair: Pair) -> None:
     # Quarantine needs the rows; a released user starts afresh.
     pair.session.execute(update(FailingMember).values(is_quarantined=True))
     assert failure_repo.release_quarantine(pair.session, pair.audience_id, pair.destination_id) == 1
+
+
+def _rows(pair: Pair, query: Any) -> list[tuple[Any, ...]]:
+    return [tuple(row) for row in pair.session.execute(query).all()]
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_the_one_pass_plan_writes_the_rows_the_selects_write(pair: Pair) -> None:
+    """PostgreSQL plans an incremental run in one full join; every column of every change
+    must be what the general selects write."""
+    first = pair.new_run()
+    pair.told(first, {"stays": True, "leaves": True, "was_out": False, "back": False})
+    snapshot, run = pair.snapshot("stays", "back", "new"), pair.new_run()
+    scope = pair.scope(snapshot)
+    changes = select(*RunChange.__table__.c).where(RunChange.run_id == run)
+    written = []
+    by_selects = partial(change_repo._plan_by_selects, has_failing=False)
+    for plan in (change_repo._plan_in_one_pass, by_selects):
+        savepoint = pair.session.begin_nested()
+        plan(pair.session, scope, run)
+        written.append(sorted(_rows(pair, changes)))
+        savepoint.rollback()
+    assert written[0] == written[1]
+    assert [(r[1], r[4], r[5]) for r in written[0]] == [
+        ("back", True, first),
+        ("leaves", False, first),
+        ("new", True, None),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_the_one_pass_apply_leaves_what_the_anti_joins_leave(pair: Pair) -> None:
+    earlier = pair.snapshot("stays", "leaves", "left_before")
+    snapshot_repo.apply_snapshot(pair.session, pair.audience_id, earlier, now=NOW)
+    snapshot_repo.apply_snapshot(
+        pair.session, pair.audience_id, pair.snapshot("stays", "leaves"), now=NOW
+    )
+    later = pair.snapshot("stays", "new")
+    state = [
+        select(*AudienceMember.__table__.c).order_by(AudienceMember.member_id),
+        select(*MembershipPeriod.__table__.c).order_by(MembershipPeriod.member_id),
+    ]
+    left = []
+    for apply in (snapshot_repo._apply_in_one_pass, snapshot_repo._apply_by_anti_joins):
+        savepoint = pair.session.begin_nested()
+        apply(pair.session, pair.audience_id, later, now=NOW)
+        left.append([_rows(pair, query) for query in state])
+        savepoint.rollback()
+    assert left[0] == left[1]
+    members, log = left[0]
+    assert [m[1] for m in members] == ["new", "stays"]
+    assert [(p[1], p[2] == later) for p in log] == [("leaves", True), ("left_before", False)]

@@ -3,7 +3,7 @@
 
 from typing import Any
 
-from sqlalchemy import Table
+from sqlalchemy import Table, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -17,3 +17,12 @@ def insert_for(session: Session, table: Table) -> Any:
     if is_postgresql(session):
         return postgresql.insert(table)
     return sqlite.insert(table)
+
+
+def tune_for_whole_audience(session: Session) -> None:
+    """For the rest of the transaction (PostgreSQL): statements over a whole audience hash
+    it in memory rather than spill it to disk in batches, and are not JIT-compiled
+    (compiling them costs more than it saves)."""
+    if is_postgresql(session):
+        session.execute(text("SET LOCAL work_mem = '256MB'"))
+        session.execute(text("SET LOCAL jit = off"))
