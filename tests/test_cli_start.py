@@ -63,7 +63,9 @@ def test_help_loads_none_of_the_heavy_libraries() -> None:
     assert loaded & (CELERY | SERVERS | STATE_SIDE - {"pygments"}) == set()
 
 
-def test_sync_without_enqueue_loads_neither_celery_nor_the_servers(tmp_path: Path) -> None:
+def test_sync_without_enqueue_loads_neither_celery_nor_the_servers_nor_the_migrations(
+    tmp_path: Path,
+) -> None:
     source = ShopSource(f"sqlite:///{tmp_path / 'shop.db'}")
     source.add([("u1", "u1@example.com", 1, 0, 0)])
     config = write_config(tmp_path, source_url=source.url, audiences=[audience("A", "a")])
@@ -74,4 +76,5 @@ def test_sync_without_enqueue_loads_neither_celery_nor_the_servers(tmp_path: Pat
         loaded = _loaded("sync", "a", env=env)
     assert len((tmp_path / "identify.ndjson").read_text().splitlines()) == 1  # it synced
     assert "sqlalchemy" in loaded
-    assert loaded & (CELERY | SERVERS) == set()
+    # The schema check reads the revision itself; the migrations load only when they run.
+    assert loaded & (CELERY | SERVERS | {"alembic", "mako"}) == set()

@@ -88,3 +88,7 @@ def test_the_phase_timings_migration_goes_down_and_up(state_url: str) -> None:
     db.upgrade(state_url)
     assert ours <= columns()
     test_models_match_migrations(state_url)
+
+
+def test_the_schema_revision_every_command_checks_is_the_migrations_head() -> None:
+    assert db.head_revision() == db.SCHEMA_REVISION
