@@ -277,10 +277,11 @@ def copy_rows(
 def _copy_blocks(copy: Any, pgconn: Any, size: int) -> Iterator[list[memoryview]]:
     """The rows of a COPY TO, as the driver receives them, in blocks of `size`.
 
-    Rows already received are taken straight from libpq, in a tight loop (a million rows
-    cost a second of Python per step added to it), without the driver's wait loop around
-    each one; the driver waits when none is there. Needs the driver's COPY object to say
-    it is finished; where it cannot, the driver's own iteration is used.
+    Rows already received are taken straight from libpq in one tight loop (each Python
+    step added per row costs a million-row audience most of a second), without the
+    driver's wait loop around each one; the driver waits when none is there. Needs the
+    driver's COPY object to say it is finished; where it cannot, the driver's own
+    iteration is used.
     """
     if not hasattr(copy, "_finished"):
         rows = iter(copy)
