@@ -7,8 +7,6 @@ leaves at most the pages in flight to re-send.
 import itertools
 import random
 import signal
-import time
-from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from worker.testing.fake_destinations import FakeDestinations, max_requests_in_w
 from worker.testing.guarantees import (
     ORTTO_KEY_VARIABLE,
     cli_env,
+    kill_when,
     ortto_destination,
     redundant_sends,
     start_cli,
@@ -184,14 +183,6 @@ def _runs(runtime: Runtime) -> dict[int, tuple[str, str | None]]:
         return {run.id: (run.status, run.error) for run in session.scalars(select(SyncRun))}
 
 
-def _wait_until(condition: Callable[[], bool], *, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        time.sleep(0.01)
-
-
 @pytest.mark.slow
 def test_kill_during_concurrent_deliveries_then_rerun_converges(
     tmp_path: Path, shop: ShopSource, runtime: Runtime, fake: FakeDestinations, backend: str
@@ -209,20 +200,16 @@ def test_kill_during_concurrent_deliveries_then_rerun_converges(
         delivery_in_flight=str(in_flight),
     )
     env[ORTTO_KEY_VARIABLE] = fake.ortto_key
-    process = start_cli("sync", KEY, env=env)
-    try:
-        # Past the first page (sent alone), while several are in flight.
-        _wait_until(lambda: len(fake.arrivals("ortto")) >= 3, timeout=60)
-        delay = rng.uniform(0.0, 0.4)
-        time.sleep(delay)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=10)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    delay = rng.uniform(0.0, 0.4)
+    # Past the first page (sent alone), while several are in flight.
+    returncode = kill_when(
+        start_cli("sync", KEY, env=env),
+        lambda: len(fake.arrivals("ortto")) >= 3,
+        timeout=60,
+        delay=delay,
+    )
     where = f"killed {delay:.3f}s after the third request"
-    assert process.returncode == -signal.SIGKILL, f"the run finished first ({where})"
+    assert returncode == -signal.SIGKILL, f"the run finished first ({where})"
     at = [a.at for a in fake.arrivals("ortto")]
     assert _overlapping(at, LATENCY) > 1, where
     sent = len(fake.items("ortto"))

@@ -14,7 +14,6 @@ test that waits for the lock in real time runs every process for real).
 import random
 import signal
 import time
-from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from worker.testing.fake_destinations import FakeDestinations
 from worker.testing.guarantees import (
     ORTTO_KEY_VARIABLE,
     cli_env,
+    kill_when,
     ortto_destination,
     redundant_sends,
     run_cli,
@@ -194,20 +194,16 @@ def test_random_kill_during_delivery_then_rerun_converges(
     shop.add((_user(i), None, int(i < members), 0, 0) for i in range(members + 500))
     # Twelve pages at 30 requests a second: delivery takes about 0.4 s.
     _configure(tmp_path, shop, runtime, fake, "30/s")
-    process = start_cli("sync", KEY, env=_env(runtime, fake))
-    try:
-        _wait_until(lambda: len(fake.arrivals("ortto")) > 0, timeout=30)
-        # Anywhere in the first part of delivery: sending, waiting, or recording a page.
-        delay = rng.uniform(0.0, 0.3)
-        time.sleep(delay)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=10)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    # Anywhere in the first part of delivery: sending, waiting, or recording a page.
+    delay = rng.uniform(0.0, 0.3)
+    returncode = kill_when(
+        start_cli("sync", KEY, env=_env(runtime, fake)),
+        lambda: len(fake.arrivals("ortto")) > 0,
+        timeout=30,
+        delay=delay,
+    )
     where = f"killed {delay:.3f}s after delivery began"
-    assert process.returncode == -signal.SIGKILL, f"the run finished first ({where})"
+    assert returncode == -signal.SIGKILL, f"the run finished first ({where})"
     sent = len(fake.items("ortto"))
     assert 0 < sent < members, f"{where}, {sent} contacts in"
     dead_run = _runs(runtime)[-1][0]
@@ -283,11 +279,3 @@ def test_a_run_that_lost_its_lock_sends_nothing_more(
     assert woken.status == "failed" and woken.error == INTERRUPTED
     assert read_calls(out)[seen:] == []
     assert destination_state(read_calls(out), KEY) == {"u1": True, "u2": True}
-
-
-def _wait_until(condition: Callable[[], bool], *, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        time.sleep(0.01)
