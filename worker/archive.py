@@ -60,7 +60,7 @@ class Archiver:
         with self._ctx.unit_of_work() as session:
             snapshot_id = snapshot_repo.create_snapshot(session, audience_id, now=self._ctx.clock())
             scope = PairScope(audience_id, destination_id, snapshot_id)
-            _, to_exit = change_repo.plan_run_changes(session, scope, opened.run_id)
+            to_exit = change_repo.plan_run_changes(session, scope, opened.run_id).to_exit
             run_repo.update_run(session, opened.run_id, snapshot_id=snapshot_id, exited=to_exit)
             snapshot_repo.apply_snapshot(session, audience_id, snapshot_id, now=self._ctx.clock())
             snapshot_repo.drop_staging(session, snapshot_id)

@@ -328,13 +328,14 @@ class RunLifecycle:
         audience_id, destination_id = opened.audience.id, opened.destination_id
         with self._ctx.unit_of_work() as session:
             scope = PairScope(audience_id, destination_id, snapshot.snapshot_id, request.is_full)
-            to_enter, to_exit = change_repo.plan_run_changes(session, scope, opened.run_id)
+            to_enter, to_exit, held = change_repo.plan_run_changes(
+                session, scope, opened.run_id, members=snapshot.members
+            )
             seconds = time.monotonic() - began
             has_failing = failure_repo.has_failing_members(session, audience_id, destination_id)
             entered = (
                 change_repo.count_newly_entered(session, scope) if request.is_full else to_enter
             )
-            held = synced_repo.count_members(session, audience_id, destination_id)
             member_exits = to_exit
             if held and to_exit > opened.max_exit_fraction * held:
                 # Users in doubt after a failed run are re-sent `false` too; the guard is

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from models import Audience, AudienceDestination, Destination, RunChange, Source
@@ -63,7 +63,14 @@ class Pair:
     def plan(self, run_id: int, snapshot_id: int, *, is_full: bool = False) -> dict[str, bool]:
         """Plan the run's changes; return them as member -> value."""
         scope = PairScope(self.audience_id, self.destination_id, snapshot_id, is_full)
-        to_enter, to_exit = change_repo.plan_run_changes(self.session, scope, run_id)
+        held_before = synced_repo.count_members(self.session, self.audience_id, self.destination_id)
+        members = self.session.scalar(
+            select(func.count()).select_from(snapshot_repo.staged(snapshot_id))
+        )
+        to_enter, to_exit, held = change_repo.plan_run_changes(
+            self.session, scope, run_id, members=members
+        )
+        assert held == held_before  # counted, or worked out from the plan's counts
         planned = dict(
             self.session.execute(
                 select(RunChange.member_id, RunChange.value).where(RunChange.run_id == run_id)

@@ -7,7 +7,7 @@ loaded whole into Python, a page costs the same however large the audience, and 
 workers can take disjoint member_id ranges of one run.
 """
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import and_, delete, exists, false, func, literal, select, text, true, update
 from sqlalchemy.orm import Session
@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from models import FailingMember, RunChange, SyncedMember, SyncRun
 from worker.domain import PairScope
 from worker.payloads import Change
+from worker.repositories import synced as synced_repo
 from worker.repositories.dialect import is_postgresql, tune_for_whole_audience
 from worker.repositories.snapshots import staged, staging_name
 
@@ -142,12 +143,21 @@ def _change_selects(scope: PairScope, run_id: int, *, has_failing: bool = True) 
     return [enter_new, enter_in_doubt, leave, leave_in_doubt]
 
 
-def plan_run_changes(session: Session, scope: PairScope, run_id: int) -> tuple[int, int]:
-    """Write the run's change set into run_changes; return (users to send `true`, users to
-    send `false`)."""
+class PlannedChanges(NamedTuple):
+    to_enter: int  # users to send `true`
+    to_exit: int  # users to send `false`
+    held: int  # users the destination holds as members before the run
+
+
+def plan_run_changes(
+    session: Session, scope: PairScope, run_id: int, *, members: int | None = None
+) -> PlannedChanges:
+    """Write the run's change set into run_changes and count it. `members`, the snapshot's
+    member count when the caller knows it, spares counting the held members."""
     tune_for_whole_audience(session)
     has_failing = session.scalar(select(literal(1)).where(_pair(scope, FailingMember)).limit(1))
-    if is_postgresql(session) and has_failing is None and not scope.is_full:
+    is_one_pass = is_postgresql(session) and has_failing is None and not scope.is_full
+    if is_one_pass:
         _plan_in_one_pass(session, scope, run_id)
     else:
         _plan_by_selects(session, scope, run_id, has_failing=has_failing is not None)
@@ -158,7 +168,14 @@ def plan_run_changes(session: Session, scope: PairScope, run_id: int) -> tuple[i
             .group_by(RunChange.value)
         ).all()
     )
-    return counts.get(True, 0), counts.get(False, 0)
+    to_enter, to_exit = counts.get(True, 0), counts.get(False, 0)
+    if is_one_pass and members is not None:
+        # One pass planned every member not held as one to enter and every held member
+        # gone to exit, so the held members are the snapshot's, less those, plus these.
+        held = members - to_enter + to_exit
+    else:
+        held = synced_repo.count_members(session, scope.audience_id, scope.destination_id)
+    return PlannedChanges(to_enter, to_exit, held)
 
 
 def _plan_by_selects(session: Session, scope: PairScope, run_id: int, *, has_failing: bool) -> None:
