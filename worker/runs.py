@@ -413,8 +413,6 @@ class RunLifecycle:
             failure_repo.forget_moot(session, prepared.scope)
             if prepared.is_full:
                 audience_repo.set_full_sync_owed(session, prepared.pair_id, is_owed=False)
-            if run.sent >= run_repo.ANALYZE_AFTER_SENT:
-                synced_repo.refresh_statistics(session)
             in_use = run_repo.snapshots_in_use(session, prepared.audience.id)
             snapshot_repo.prune_snapshots(
                 session,
@@ -426,8 +424,7 @@ class RunLifecycle:
             snapshot_repo.prune_log(
                 session, prepared.audience.id, before=self._ctx.clock() - retention
             )
-            changes = prepared.to_enter + prepared.to_exit
-        maintenance_repo.reclaim_space(self._ctx.sessions, changes=changes)
+        maintenance_repo.keep_up(self._ctx.sessions)
         return self.end_run(prepared.run_id, prepared.pair_id, prepared.lock_owner, status, error)
 
     def fail_run(self, prepared: PreparedRun, error: str) -> RunSummary:

@@ -10,8 +10,6 @@ from sqlalchemy.orm import Session
 from models import Audience, Destination, SyncRun
 from worker.domain import RunMode, RunStatus, Trigger
 
-# A run that moved this many users refreshes the planner's statistics of the synced state.
-ANALYZE_AFTER_SENT = 10_000
 INTERRUPTED = "interrupted: the process running this sync stopped before it finished"
 
 

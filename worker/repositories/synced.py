@@ -139,12 +139,6 @@ def has_state(session: Session, audience_id: int, destination_id: int) -> bool:
     )
 
 
-def refresh_statistics(session: Session) -> None:
-    """After a large run on PostgreSQL: fresh statistics keep the next diff's plan right."""
-    if is_postgresql(session):
-        session.execute(text("ANALYZE synced_members"))
-
-
 @dataclass(frozen=True, slots=True)
 class SyncedState:
     """What a destination last accepted for one user, and when (the recording run's end,
