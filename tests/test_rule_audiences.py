@@ -574,7 +574,7 @@ def test_a_rule_audience_takes_the_copy_path_with_its_values_bound_by_the_driver
         blocks = copy_rows(
             _url(events), statement, timeout_seconds=30, fetch_size=100, source_name="warehouse"
         )
-        rows = [bytes(row) for block in blocks for row in block]
+        rows = b"".join(bytes(block.data) for block in blocks).splitlines()
     finally:
         dispose_source_engines()  # the warehouse database is dropped after the test
     assert [row.split(b"\t")[0] for row in rows] == [b"u7"]

@@ -47,7 +47,7 @@ Module map (one line each; the service's parts run top to bottom of a run):
       dialect      is_postgresql and the ON CONFLICT insert of each backend
       audiences    sources, destinations, audiences, pairs and the pair lock
       snapshots    staging tables, the bad-row rules in SQL, membership and its log
-      maintenance  VACUUM and truncation that keep the state small (PostgreSQL)
+      maintenance  VACUUM, ANALYZE and truncation when due, keeping the state small (PostgreSQL)
       changes      run_changes: the diff, pages, chunks
       synced       synced_members: what each destination accepted
       failures     failing_members and delivery_failures: rejections, quarantine, doubt
