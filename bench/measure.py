@@ -5,7 +5,8 @@ rate-limited destination.
 Every sync is a separate process, timed from its start to its exit, its peak RSS read from
 the kernel's accounting of that child. The raw baseline runs in the source database on the
 same data at the same step: the audience query materialised into a table, then NOT EXISTS
-both ways against the previous membership, the changes written to a table.
+both ways against the previous membership, the changes written to a table. Each timed
+step starts after a CHECKPOINT, so none inherits the dirty buffers of the step before.
 """
 
 import json
@@ -22,6 +23,7 @@ from typing import Any
 import yaml
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 from worker import db
 from worker.config import load_config
@@ -180,6 +182,20 @@ def _runs(url: str) -> list[tuple[str, int, int, int, int]]:
     return [(str(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in rows]
 
 
+def settle(url: str) -> None:
+    """CHECKPOINT the server before a timed step, so that no step pays for writing out the
+    buffers the step before it dirtied (the raw baseline writes two tables the size of the
+    audience just before the first incremental sync). Skipped where the role may not."""
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("CHECKPOINT"))
+    except DBAPIError as exc:
+        print(f"CHECKPOINT refused ({exc.orig}); timed steps may inherit dirty buffers")
+    finally:
+        engine.dispose()
+
+
 def _count_lines(path: Path) -> int:
     count = 0
     with path.open("rb") as handle:
@@ -291,6 +307,7 @@ def measure_size(base: str, size: int, say: Any) -> dict[str, Any]:
         destination = {"type": "file", "path": str(out)}
         with _configured(base, Path(directory), destination, size) as (state, source):
             say(f"  {size:,}: initial sync")
+            settle(source)
             initial = cli_sync(state, log)
             say(f"  {size:,}: initial sync {initial['seconds']:.1f} s")
             _remember_membership(source)
@@ -304,12 +321,16 @@ def measure_size(base: str, size: int, say: Any) -> dict[str, Any]:
                 say(f"  {size:,}: sync {step + 1} of {CHURN_RUNS + 1} (1% churn)")
                 changes += _churn(source, step)
                 if step == 1:
+                    settle(source)
                     raw = _raw_baseline(source)
                     say(f"  {size:,}: raw baseline {raw['raw_seconds']:.2f} s")
                 if step == 2:
+                    settle(source)
                     diff_baseline = _raw_baseline(source)["anti_join_seconds"]
+                    settle(source)
                     phases = run_child(["--child", "phases", "--state-url", state])
                     continue
+                settle(source)
                 run = cli_sync(state, log)
                 say(f"  {size:,}: {run['seconds']:.1f} s, peak RSS {run['peak_rss_mb']:.0f} MB")
                 incremental.append(run["seconds"])

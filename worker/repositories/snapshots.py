@@ -178,7 +178,9 @@ class CopyLoad:
             f"CREATE UNLOGGED TABLE {self._raw} (user_id text, anonymous_id text, email text)"
         )
         # The driver sends to the state database from a thread of its own, while this one
-        # reads the source: the two databases work at the same time.
+        # reads the source: the two databases work at the same time. FREEZE (the table is
+        # new in this transaction) writes the rows frozen and all-visible, so the later
+        # scans of the staging table do not each rewrite every page to set hint bits.
         self._copy_context = self._cursor.copy(
             f"COPY {self._raw} (user_id, anonymous_id, email) FROM STDIN (FREEZE)",
             writer=QueuedLibpqWriter(self._cursor),
