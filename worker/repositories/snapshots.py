@@ -87,12 +87,16 @@ def staged(snapshot_id: int) -> Table:
 
 
 def _create_staging(session: Session, snapshot_id: int) -> None:
+    # anonymous_id is text, as in every staging table: in the usual audience it is NULL in
+    # every row, its statistics then give it no width, and the planner falls back on the
+    # declared type's: 516 bytes a row for varchar(255), against 32 for text, which made
+    # it plan the diff's hash join in batches spilled to disk.
     unlogged = "UNLOGGED " if is_postgresql(session) else ""
     session.execute(
         text(
             f"CREATE {unlogged}TABLE {staging_name(snapshot_id)} "
             f"(member_id varchar({MAX_ID_LENGTH}) PRIMARY KEY, is_anonymous boolean NOT NULL, "
-            f"email varchar({MAX_EMAIL_LENGTH}), anonymous_id varchar({MAX_ID_LENGTH}))"
+            f"email varchar({MAX_EMAIL_LENGTH}), anonymous_id text)"
         )
     )
 
@@ -225,7 +229,7 @@ class CopyLoad:
             cursor.execute(f"ALTER TABLE {name} RENAME COLUMN user_id TO member_id")
             # No row has an anonymous id travelling with its user id (see `changed`).
             cursor.execute(f"ALTER TABLE {name} DROP COLUMN anonymous_id")
-            cursor.execute(f"ALTER TABLE {name} ADD COLUMN anonymous_id varchar({MAX_ID_LENGTH})")
+            cursor.execute(f"ALTER TABLE {name} ADD COLUMN anonymous_id text")
             cursor.execute(
                 f"ALTER TABLE {name} ADD COLUMN is_anonymous boolean NOT NULL DEFAULT false"
             )
@@ -239,7 +243,7 @@ class CopyLoad:
                 f"CREATE UNLOGGED TABLE {name} AS SELECT {distinct}"
                 f"member_id::varchar({MAX_ID_LENGTH}) AS member_id, is_anonymous, "
                 f"email::varchar({MAX_EMAIL_LENGTH}) AS email, "
-                f"anonymous_id::varchar({MAX_ID_LENGTH}) AS anonymous_id "
+                "anonymous_id::text AS anonymous_id "
                 f"FROM ({rules}) AS r WHERE reason IS NULL{order}",
                 {"ws": WHITESPACE},
             )
@@ -354,8 +358,12 @@ def finish_snapshot(session: Session, snapshot_id: int) -> int:
 def set_member_count(session: Session, snapshot_id: int, count: int) -> None:
     session.execute(update(Snapshot).where(Snapshot.id == snapshot_id).values(member_count=count))
     if count >= ANALYZE_THRESHOLD and is_postgresql(session):
-        # Fresh statistics, so the diff that follows is planned as hash anti-joins.
+        # Fresh statistics, so the diff that follows is planned as hash joins of the right
+        # size. It needs only the row count, the widths and that ids are unique, which a
+        # sample of 3,000 rows gives as well as the default 30,000, ten times sooner.
+        session.execute(text("SET LOCAL default_statistics_target = 10"))
         session.execute(text(f"ANALYZE {staging_name(snapshot_id)}"))
+        session.execute(text("SET LOCAL default_statistics_target TO DEFAULT"))
 
 
 def previous_member_count(session: Session, audience_id: int, before_id: int) -> int | None:
