@@ -1,9 +1,6 @@
 """Upkeep after a run (PostgreSQL): a large table is vacuumed and analyzed when the rows
 changed since its last VACUUM or ANALYZE make one due, and left alone otherwise."""
 
-import time
-from collections.abc import Callable
-
 import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
@@ -11,6 +8,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from tests.repositories.conftest import Pair
 from worker.db import make_engine, make_session_factory
 from worker.repositories import maintenance
+from worker.testing.guarantees import wait_until
+
+# Statistics reach shared memory within a second or so of a transaction's end.
+STATISTICS_DELAY = 15.0
 
 
 def _counts(sessions: sessionmaker[Session], table: str) -> tuple[int, int, int]:
@@ -25,14 +26,6 @@ def _counts(sessions: sessionmaker[Session], table: str) -> tuple[int, int, int]
             {"table": table},
         ).one()
     return int(row[0]), int(row[1]), int(row[2])
-
-
-def _eventually(check: Callable[[], bool]) -> None:
-    """Statistics reach shared memory within a second or so of a transaction's end."""
-    deadline = time.monotonic() + 15
-    while not check():
-        assert time.monotonic() < deadline, "the statistics never caught up"
-        time.sleep(0.2)
 
 
 def _commit(pair: Pair) -> None:
@@ -72,7 +65,7 @@ def test_a_table_is_vacuumed_and_analyzed_only_once_enough_of_it_changed(
             return {u.table for u in maintenance.upkeep_due(reader)}
 
     # 20,000 rows inserted into an empty table: due for both.
-    _eventually(lambda: "audience_members" in due())
+    wait_until(lambda: "audience_members" in due(), timeout=STATISTICS_DELAY)
     _, vacuums, analyzes = _counts(sessions, "audience_members")
     done = {u.table: u for u in maintenance.keep_up(sessions)}
     assert done["audience_members"].statement == "VACUUM (ANALYZE) audience_members"
@@ -81,7 +74,7 @@ def test_a_table_is_vacuumed_and_analyzed_only_once_enough_of_it_changed(
     # 500 rows gone (2.5%, under 1,000 rows): nothing is due, and nothing runs.
     _leave(pair, 1, 500)
     _commit(pair)
-    _eventually(lambda: _counts(sessions, "audience_members")[0] > 0)
+    wait_until(lambda: _counts(sessions, "audience_members")[0] > 0, timeout=STATISTICS_DELAY)
     assert due() == set()
     assert maintenance.keep_up(sessions) == []
     assert _counts(sessions, "audience_members")[1:] == (vacuums + 1, analyzes + 1)
@@ -89,6 +82,6 @@ def test_a_table_is_vacuumed_and_analyzed_only_once_enough_of_it_changed(
     # 2,000 more (over 1,000 rows and 5% of the table): VACUUM again.
     _leave(pair, 501, 2500)
     _commit(pair)
-    _eventually(lambda: "audience_members" in due())
+    wait_until(lambda: "audience_members" in due(), timeout=STATISTICS_DELAY)
     maintenance.keep_up(sessions)
     assert _counts(sessions, "audience_members")[1] == vacuums + 2
